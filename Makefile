@@ -1,0 +1,42 @@
+# epserve — two commands: `make run` and `make test`. Each sets everything up on a fresh clone.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL_DIR ?= models/v3-mini
+
+.PHONY: install run test bench lint protos clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first from the pinned range, so a CPU-only machine keeps its CPU wheel.
+	$(BIN)/pip install -q "torch>=2.4,<2.14"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+protos: install
+	$(BIN)/python -m services.common.codegen
+
+$(MODEL_DIR)/config.json: | install
+	$(BIN)/epserve make-model --preset v3-mini --out $(MODEL_DIR)
+
+run: install $(MODEL_DIR)/config.json
+	$(BIN)/python -m services.demo --model $(MODEL_DIR)
+
+test: install
+	$(BIN)/ruff check services tests bench
+	$(BIN)/python -m pytest -q tests
+
+bench: install $(MODEL_DIR)/config.json
+	$(BIN)/python -m bench.run_all --model $(MODEL_DIR)
+
+lint: install
+	$(BIN)/ruff check services tests bench
+	$(BIN)/ruff format --check services tests bench
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

@@ -1,0 +1,47 @@
+"""The `epserve` command: one subcommand per feature, each registered by its own module.
+
+A module in COMMAND_MODULES exposes `register(subparsers)`, which adds its subcommands and sets
+`func(args) -> int` on each. A `CliError` raised anywhere becomes a one-line message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from services.common.errors import CliError
+
+COMMAND_MODULES = (
+    "services.model.cli",  # make-model
+    "services.engine.cli",  # generate
+    "services.balance.cli",  # placement
+    "services.economics.cli",  # economics report|reproduce|capacity
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epserve",
+        description="Disaggregated, expert-parallel serving for DeepSeek-V3-family models",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"epserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
