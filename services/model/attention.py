@@ -84,7 +84,7 @@ class MLAttention(nn.Module):
             positions = batch.positions[start : start + n]
             qn, qp = q_nope[start : start + n], q_pe[start : start + n]  # [n, h, *]
             start += n
-            latent = cache[slots]  # [L, r+p]
+            latent = cache[slots].to(q_nope.dtype)  # [L, r+p]
             c, k_pe = latent[:, : self.rank], latent[:, self.rank :]
             kv = self.kv_b_proj(c).view(-1, self.num_heads, self.nope + self.v_dim)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [L, h, *]
@@ -104,7 +104,7 @@ class MLAttention(nn.Module):
         slots = torch.zeros(B, L, dtype=torch.long)
         for i, s in enumerate(batch.context_slots):
             slots[i, : s.numel()] = s
-        latent = cache[slots]  # [B, L, r+p]
+        latent = cache[slots].to(q_nope.dtype)  # [B, L, r+p]
         c, k_pe = latent[..., : self.rank], latent[..., self.rank :]
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [h, n, r], [h, v, r]

@@ -70,6 +70,9 @@ class DeepseekModel(nn.Module):
         )
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        for name, param in self.named_parameters():
+            if ".mlp.gate." not in name:  # the router stays fp32, as DeepSeek runs it
+                param.data = param.data.to(dtype)
         with torch.device("cpu"):
             self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.rope_interleave)
 

@@ -113,7 +113,8 @@ class ExpertBank(nn.Module):
             start += n
             gate, up = F.linear(x[rows], self.gate_up[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down[e])
-            out.index_add_(0, rows, y.float() * w[:, None])
+            # rows are distinct within one expert; index_put_ is the cheapest scatter-add on CPU
+            out.index_put_((rows,), y.float() * w[:, None], accumulate=True)
         return out
 
 

@@ -1,0 +1,32 @@
+"""`make bench`: every benchmark, one after another, each printing its own table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, accepts --model)
+BENCHMARKS = (
+    ("bench.bench_engine", True),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/v3-mini")
+    ap.add_argument("--only", default="", help="comma-separated benchmark module names")
+    args = ap.parse_args(argv)
+    only = {x for x in args.only.split(",") if x}
+    for name, takes_model in BENCHMARKS:
+        if only and name.split(".")[-1] not in only and name not in only:
+            continue
+        print(f"\n=== {name} ===", flush=True)
+        mod = importlib.import_module(name)
+        mod.main(["--model", args.model] if takes_model else [])
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""`epserve generate`: run the reference engine (or, later, a remote cluster) from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from services.common.errors import CheckpointError, CliError, ConfigError
+from services.engine.reference import GenerationRequest, ReferenceEngine
+from services.engine.sampling import SamplingParams
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[],
+                   help="comma-separated token ids (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-token-ids", default="", help="comma-separated ids that end generation")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text with the reference engine")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_sampling_args(p)
+    p.set_defaults(func=_run)
+
+
+def _ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise CliError(f"{what} must be comma-separated integers, got {text!r}") from exc
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
+            stop_token_ids=tuple(_ids(args.stop_token_ids, "--stop-token-ids")),
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def prompt_ids(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    prompts = [_ids(p, "--prompt-ids") for p in args.prompt_ids]
+    for text in args.prompt:
+        if tokenizer is None:
+            raise CliError("--prompt needs a tokenizer.json in the model directory; use --prompt-ids")
+        if args.chat:
+            prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+        else:
+            prompts.append(tokenizer.encode(text))
+    if not prompts:
+        raise CliError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if any(not p for p in prompts):
+        raise CliError("empty prompt")
+    return prompts
+
+
+def load_tokenizer(model_dir: str):
+    from services.model.tokenizer import Tokenizer
+
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        return None
+    return Tokenizer.from_dir(model_dir)
+
+
+def print_completions(args, tokenizer, completions) -> None:
+    for c in completions:
+        text = tokenizer.decode(c.token_ids, skip_special_tokens=True) if tokenizer else ""
+        if args.json:
+            print(json.dumps({
+                "request_id": c.request_id, "prompt_ids": c.prompt_ids, "token_ids": c.token_ids,
+                "text": text, "finish_reason": c.finish_reason,
+                "prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.token_ids),
+            }))
+        else:
+            print(text if tokenizer else " ".join(map(str, c.token_ids)))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from services.model.loader import load_model
+
+    if not Path(args.model).is_dir():
+        raise CliError(f"model directory {args.model!r} does not exist")
+    params = sampling_params(args)
+    try:
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model, dtype=args.dtype)
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    requests = [GenerationRequest(f"req-{i}", ids, params)
+                for i, ids in enumerate(prompt_ids(args, tokenizer))]
+    try:
+        completions = ReferenceEngine(model).generate(requests)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    print_completions(args, tokenizer, completions)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,124 @@
+"""Deterministic small checkpoints in Hugging Face format (same seed -> byte-identical files).
+
+Weights are drawn from one seeded generator in a fixed order. Scales keep activations
+well-conditioned: projections ~ N(0, 1/fan_in), residual outputs halved so the stream grows
+slowly, router logits ~N(0, 1) so sigmoid scores spread without saturating (with a small
+correction bias, every expert gets tokens on
+random prompts), and an lm_head scale that spreads logits so near-ties are rare.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from services.model.config import ModelConfig
+from services.model.presets import PRESETS
+from services.model.tokenizer_gen import build_tokenizer, write_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _tensors(cfg: ModelConfig, g: torch.Generator) -> dict[str, torch.Tensor]:
+    H = cfg.hidden_size
+    out: dict[str, torch.Tensor] = {}
+
+    def normal(name: str, shape: tuple[int, ...], std: float) -> None:
+        out[name] = torch.randn(shape, generator=g) * std
+
+    def linear(name: str, n_out: int, n_in: int, gain: float = 1.0) -> None:
+        normal(name, (n_out, n_in), gain / math.sqrt(n_in))
+
+    def norm(name: str, dim: int) -> None:
+        out[name] = 1.0 + 0.1 * torch.randn(dim, generator=g)
+
+    def mlp(prefix: str, inter: int) -> None:
+        linear(f"{prefix}.gate_proj.weight", inter, H)
+        linear(f"{prefix}.up_proj.weight", inter, H)
+        linear(f"{prefix}.down_proj.weight", H, inter, gain=0.5)
+
+    normal("model.embed_tokens.weight", (cfg.vocab_size, H), 1.0)
+    # Tokens the tokenizer only reserves (vocab padding) get a weak output row, as a trained
+    # model would, so generated text is made of real tokens.
+    placeholders = [i for tok, i in build_tokenizer(cfg.vocab_size).get_vocab().items()
+                    if "place▁holder" in tok]
+    h = cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        norm(f"{p}.input_layernorm.weight", H)
+        norm(f"{p}.post_attention_layernorm.weight", H)
+        a = f"{p}.self_attn"
+        if cfg.q_lora_rank is None:
+            linear(f"{a}.q_proj.weight", h * cfg.qk_head_dim, H)
+        else:
+            linear(f"{a}.q_a_proj.weight", cfg.q_lora_rank, H)
+            norm(f"{a}.q_a_layernorm.weight", cfg.q_lora_rank)
+            linear(f"{a}.q_b_proj.weight", h * cfg.qk_head_dim, cfg.q_lora_rank, gain=2.0)
+        linear(f"{a}.kv_a_proj_with_mqa.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim, H)
+        norm(f"{a}.kv_a_layernorm.weight", cfg.kv_lora_rank)
+        linear(f"{a}.kv_b_proj.weight", h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+        linear(f"{a}.o_proj.weight", H, h * cfg.v_head_dim, gain=0.5)
+        if cfg.is_moe_layer(i):
+            m = f"{p}.mlp"
+            linear(f"{m}.gate.weight", cfg.n_routed_experts, H)
+            out[f"{m}.gate.e_score_correction_bias"] = 0.01 * torch.randn(cfg.n_routed_experts, generator=g)
+            for e in range(cfg.n_routed_experts):
+                mlp(f"{m}.experts.{e}", cfg.moe_intermediate_size)
+            if cfg.n_shared_experts:
+                mlp(f"{m}.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts)
+        else:
+            mlp(f"{p}.mlp", cfg.intermediate_size)
+    norm("model.norm.weight", H)
+    linear("lm_head.weight", cfg.vocab_size, H, gain=4.0)
+    out["lm_head.weight"][sorted(placeholders)] *= 0.05
+    return out
+
+
+def make_model(preset: str, out_dir: str | Path, seed: int = 0,
+               max_shard_bytes: int | None = None) -> Path:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (one of {sorted(PRESETS)})")
+    raw = dict(PRESETS[preset])
+    cfg = ModelConfig.from_dict(raw)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[raw["torch_dtype"]]
+    tensors = {
+        k: (v.float() if ".mlp.gate." in k else v.to(dtype)).contiguous()
+        for k, v in _tensors(cfg, g).items()
+    }
+    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    _save(tensors, out, max_shard_bytes)
+    write_tokenizer(out, cfg.vocab_size)
+    return out
+
+
+def _save(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
+    for old in list(out.glob("*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        old.unlink()
+    meta = {"format": "pt"}
+    if not max_shard_bytes:
+        save_file(tensors, out / "model.safetensors", metadata=meta)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
