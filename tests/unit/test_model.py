@@ -54,7 +54,7 @@ def test_split_experts_sum_to_all_experts(tiny_model_dir):
 def test_subset_load_reads_only_its_experts(tiny_model_dir):
     cfg = ModelConfig.from_dir(tiny_model_dir)
     report = LoadReport()
-    held = {l: (2, 5) for layer in cfg.moe_layer_ids}
+    held = dict.fromkeys(cfg.moe_layer_ids, (2, 5))
     model = load_model(tiny_model_dir, experts=held, report=report)
     assert sorted(report.expert_entries) == sorted((layer, e) for layer in cfg.moe_layer_ids for e in (2, 5))
     expert_reads = [k for k in report.tensors_read if ".experts." in k]
