@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "services.engine.cli",  # generate
     "services.balance.cli",  # placement
     "services.economics.cli",  # economics report|reproduce|capacity
+    "services.serve_cli",  # serve <service>
+    "services.common.cli",  # link-proxy, nats-server
 )
 
 
