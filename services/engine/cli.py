@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
 
+from services.balance.naive import contiguous_placement
 from services.common.errors import CheckpointError, CliError, ConfigError
+from services.engine.ep_client import EPError, ExpertClient
+from services.engine.ep_engine import EPEngine
+from services.engine.local_workers import LocalExpertWorkers
 from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
+from services.model.config import ModelConfig
+from services.model.deepseek import no_experts
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +38,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text with the reference engine")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--expert-workers", type=int, default=0,
+                   help="run routed experts on N expert-worker processes started here")
+    p.add_argument("--redundant-experts", type=int, default=0,
+                   help="extra expert slots (copies of experts) across the workers")
+    p.add_argument("--expert-endpoints", default="",
+                   help="use running expert workers: host:port,... in rank order")
+    p.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp8"],
+                   help="dispatch/combine format: fp32, bf16, or fp8 dispatch + bf16 combine")
     add_sampling_args(p)
     p.set_defaults(func=_run)
 
@@ -90,22 +105,53 @@ def print_completions(args, tokenizer, completions) -> None:
             print(text if tokenizer else " ".join(map(str, c.token_ids)))
 
 
+async def _generate_ep(args: argparse.Namespace, model, requests):
+    """Routed experts on worker processes: started here (and stopped by pid) or given."""
+    workers = None
+    try:
+        if args.expert_workers:
+            try:
+                table = contiguous_placement(model.cfg.n_routed_experts, args.expert_workers,
+                                             model.cfg.moe_layer_ids, redundant=args.redundant_experts)
+            except ValueError as exc:
+                raise CliError(str(exc)) from exc
+            workers = LocalExpertWorkers(args.model, table)
+            endpoints = await asyncio.to_thread(workers.start)
+        else:
+            endpoints = [e.strip() for e in args.expert_endpoints.split(",") if e.strip()]
+        client = await ExpertClient.connect(endpoints, wire=args.wire)
+        try:
+            return await EPEngine(model, client).generate(requests)
+        finally:
+            await client.close()
+    finally:
+        if workers is not None:
+            workers.stop()
+
+
 def _run(args: argparse.Namespace) -> int:
     from services.model.loader import load_model
 
     if not Path(args.model).is_dir():
         raise CliError(f"model directory {args.model!r} does not exist")
     params = sampling_params(args)
+    remote = bool(args.expert_workers or args.expert_endpoints)
+    if args.expert_workers < 0 or (args.expert_workers and args.expert_endpoints):
+        raise CliError("give either --expert-workers N (N > 0) or --expert-endpoints")
     try:
         tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, dtype=args.dtype)
+        cfg = ModelConfig.from_dir(args.model)
+        model = load_model(args.model, experts=no_experts(cfg) if remote else None, dtype=args.dtype)
     except (ConfigError, CheckpointError, ValueError, OSError) as exc:
         raise CliError(str(exc)) from exc
     requests = [GenerationRequest(f"req-{i}", ids, params)
                 for i, ids in enumerate(prompt_ids(args, tokenizer))]
     try:
-        completions = ReferenceEngine(model).generate(requests)
-    except ValueError as exc:
+        if args.expert_workers or args.expert_endpoints:
+            completions = asyncio.run(_generate_ep(args, model, requests))
+        else:
+            completions = ReferenceEngine(model).generate(requests)
+    except (ValueError, EPError) as exc:
         raise CliError(str(exc)) from exc
     print_completions(args, tokenizer, completions)
     sys.stdout.flush()

@@ -1,9 +1,10 @@
 """The single-process reference engine: the definition of "the right answer".
 
-Batched prefill of every prompt, then batched decode steps over the paged latent cache until
-every sequence stops. It holds all routed experts locally; an optional `routed_fns` swaps the
-local experts of a layer for another implementation (the expert-parallel runtime reuses this
-loop through EPEngine). Per-step logits can be recorded for near-tie analysis.
+GenerationLoop is the schedule, free of model code: batched prefill of every prompt, then one
+batched decode step per token over the paged latent cache until every sequence stops. The
+ReferenceEngine drives it with the local model (all routed experts held here); the EP engine
+(services/engine/ep_engine.py) drives the same loop with experts on remote workers, so both
+compute identical schedules. Per-step logits can be recorded for near-tie analysis.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.sampling import SamplingParams, sample_token
 from services.engine.sequence import Sequence
+from services.model.batch import AttentionBatch
+from services.model.config import ModelConfig
 from services.model.deepseek import DeepseekModel
 
 
@@ -52,69 +55,95 @@ class EngineStats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
+def validate_request(cfg: ModelConfig, req: GenerationRequest) -> None:
+    if not req.prompt_ids:
+        raise ValueError(f"{req.request_id}: empty prompt")
+    bad = [t for t in req.prompt_ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"{req.request_id}: token id {bad[0]} outside vocab [0, {cfg.vocab_size})")
+    if len(req.prompt_ids) >= cfg.max_position_embeddings:
+        raise ValueError(f"{req.request_id}: prompt of {len(req.prompt_ids)} tokens leaves no "
+                         f"room in a context of {cfg.max_position_embeddings}")
+
+
+@dataclass(frozen=True)
+class Step:
+    phase: str  # "prefill" | "decode"
+    input_ids: torch.Tensor  # [T]
+    batch: AttentionBatch
+
+
+class GenerationLoop:
+    def __init__(self, cfg: ModelConfig, requests: list[GenerationRequest], block_size: int,
+                 dtype: torch.dtype, device: torch.device | str, record_logits: bool,
+                 stats: EngineStats) -> None:
+        for r in requests:
+            validate_request(cfg, r)
+        self.record_logits, self.stats = record_logits, stats
+        self.seqs = [Sequence(r.request_id, list(r.prompt_ids), r.params.with_seed(),
+                              cfg.eos_token_id, cfg.max_position_embeddings) for r in requests]
+        self.logits: dict[str, list[torch.Tensor]] = {s.request_id: [] for s in self.seqs}
+        blocks = sum(-(-min(len(s.prompt_ids) + s.params.max_tokens, s.max_context) // block_size)
+                     for s in self.seqs)
+        self.cache = LatentKVCache(cfg.num_hidden_layers, cfg.latent_dim, blocks, block_size,
+                                   dtype, device)
+        self._running: list[Sequence] = []
+        self._prefilled = False
+        self._t0 = 0.0
+
+    def next_step(self) -> Step | None:
+        self._t0 = time.perf_counter()
+        if not self._prefilled:
+            self._running = list(self.seqs)
+            chunks = [SeqChunk(s.request_id, 0, len(s.prompt_ids)) for s in self._running]
+            ids = [t for s in self._running for t in s.prompt_ids]
+            return Step("prefill", torch.tensor(ids, dtype=torch.long), self.cache.batch(chunks))
+        self._running = [s for s in self.seqs if not s.finished]
+        if not self._running:
+            return None
+        chunks = [SeqChunk(s.request_id, s.cache_len, 1) for s in self._running]
+        ids = [s.output_ids[-1] for s in self._running]
+        return Step("decode", torch.tensor(ids, dtype=torch.long), self.cache.batch(chunks))
+
+    def consume(self, step: Step, logits: torch.Tensor) -> None:
+        logits = logits.float().cpu()
+        for s, row in zip(self._running, logits, strict=True):
+            if self.record_logits:
+                self.logits[s.request_id].append(row.clone())
+            s.append(sample_token(row, s.params, step=len(s.output_ids)))
+        seconds = time.perf_counter() - self._t0
+        if step.phase == "prefill":
+            self._prefilled = True
+            self.stats.prefill_tokens += step.input_ids.numel()
+            self.stats.prefill_seconds += seconds
+        else:
+            self.stats.decode_tokens += step.input_ids.numel()
+            self.stats.decode_seconds += seconds
+            self.stats.decode_steps += 1
+
+    def completions(self) -> list[Completion]:
+        return [Completion(s.request_id, s.prompt_ids, s.output_ids, s.finish_reason or "length",
+                           self.logits[s.request_id]) for s in self.seqs]
+
+
 class ReferenceEngine:
-    def __init__(self, model: DeepseekModel, block_size: int = 64, record_logits: bool = False):
+    def __init__(self, model: DeepseekModel, block_size: int = 64, record_logits: bool = False,
+                 routed_fns=None):
         self.model = model
         self.cfg = model.cfg
         self.block_size = block_size
         self.record_logits = record_logits
+        self.routed_fns = routed_fns  # layer -> replacement for its local experts
         self.stats = EngineStats()
 
-    def forward(self, input_ids: torch.Tensor, batch, cache: LatentKVCache) -> torch.Tensor:
-        """One model step; EP subclasses override this to dispatch routed experts remotely."""
-        return self.model(input_ids.to(self.model.device), batch, cache.layers)
-
-    def validate(self, req: GenerationRequest) -> None:
-        if not req.prompt_ids:
-            raise ValueError(f"{req.request_id}: empty prompt")
-        bad = [t for t in req.prompt_ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"{req.request_id}: token id {bad[0]} outside vocab [0, {self.cfg.vocab_size})")
-        if len(req.prompt_ids) >= self.cfg.max_position_embeddings:
-            raise ValueError(f"{req.request_id}: prompt of {len(req.prompt_ids)} tokens leaves no "
-                             f"room in a context of {self.cfg.max_position_embeddings}")
+    def loop(self, requests: list[GenerationRequest]) -> GenerationLoop:
+        return GenerationLoop(self.cfg, requests, self.block_size, self.model.dtype,
+                              self.model.device, self.record_logits, self.stats)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
-        for r in requests:
-            self.validate(r)
-        seqs = [
-            Sequence(r.request_id, list(r.prompt_ids), r.params.with_seed(), self.cfg.eos_token_id,
-                     self.cfg.max_position_embeddings)
-            for r in requests
-        ]
-        logits_log: dict[str, list[torch.Tensor]] = {s.request_id: [] for s in seqs}
-        blocks = sum(-(-min(len(s.prompt_ids) + s.params.max_tokens, s.max_context)
-                     // self.block_size) for s in seqs)
-        cache = LatentKVCache(self.cfg.num_hidden_layers, self.cfg.latent_dim, blocks,
-                              self.block_size, self.model.dtype, self.model.device)
-        # Prefill: every prompt in one ragged batch.
-        t0 = time.perf_counter()
-        batch = cache.batch([SeqChunk(s.request_id, 0, len(s.prompt_ids)) for s in seqs])
-        ids = torch.tensor([t for s in seqs for t in s.prompt_ids], dtype=torch.long)
-        logits = self.forward(ids, batch, cache)
-        self._sample(seqs, logits, logits_log)
-        self.stats.prefill_tokens += ids.numel()
-        self.stats.prefill_seconds += time.perf_counter() - t0
-        # Decode: running sequences each add their newest token.
-        t0 = time.perf_counter()
-        while running := [s for s in seqs if not s.finished]:
-            batch = cache.batch([SeqChunk(s.request_id, s.cache_len, 1) for s in running])
-            ids = torch.tensor([s.output_ids[-1] for s in running], dtype=torch.long)
-            logits = self.forward(ids, batch, cache)
-            self._sample(running, logits, logits_log)
-            self.stats.decode_tokens += len(running)
-            self.stats.decode_steps += 1
-        self.stats.decode_seconds += time.perf_counter() - t0
-        return [
-            Completion(s.request_id, s.prompt_ids, s.output_ids, s.finish_reason or "length",
-                       logits_log[s.request_id])
-            for s in seqs
-        ]
-
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
-                log: dict[str, list[torch.Tensor]]) -> None:
-        logits = logits.float().cpu()
-        for s, row in zip(seqs, logits, strict=True):
-            if self.record_logits:
-                log[s.request_id].append(row.clone())
-            s.append(sample_token(row, s.params, step=len(s.output_ids)))
+        loop = self.loop(requests)
+        while (step := loop.next_step()) is not None:
+            logits = self.model(step.input_ids.to(self.model.device), step.batch,
+                                loop.cache.layers, self.routed_fns)
+            loop.consume(step, logits)
+        return loop.completions()

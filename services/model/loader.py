@@ -22,6 +22,7 @@ from safetensors import safe_open
 from services.common.errors import CheckpointError
 from services.model.config import ModelConfig
 from services.model.deepseek import DeepseekModel, ExpertKeys, all_experts
+from services.model.moe import ExpertBank
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16}
@@ -180,6 +181,33 @@ def load_model(
             state[f"model.layers.{layer}.mlp.experts.down"] = down
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
+
+
+def load_expert_banks(
+    model_dir: str | Path,
+    layout: dict[int, list[tuple[int, int]]],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    report: LoadReport | None = None,
+) -> dict[int, ExpertBank]:
+    """Only routed experts: layer -> [(key, logical expert)]. An expert worker's whole load."""
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    report = report if report is not None else LoadReport()
+    banks: dict[int, ExpertBank] = {}
+    with TensorReader(CheckpointIndex(model_dir), report) as reader:
+        for layer, entries in sorted(layout.items()):
+            if not cfg.is_moe_layer(layer):
+                raise CheckpointError(f"layer {layer} is not a MoE layer")
+            for _, logical in entries:
+                if not 0 <= logical < cfg.n_routed_experts:
+                    raise CheckpointError(f"layer {layer}: expert {logical} out of range")
+            bank = ExpertBank([k for k, _ in entries], cfg.hidden_size, cfg.moe_intermediate_size,
+                              dtype)
+            gate_up, down = _read_experts(reader, cfg, layer, [e for _, e in entries], dtype, report)
+            bank.gate_up.data, bank.down.data = gate_up, down
+            banks[layer] = bank.to(device)
+    return banks
 
 
 def _read_experts(reader: TensorReader, cfg: ModelConfig, layer: int, logical_ids: list[int],

@@ -1,0 +1,93 @@
+"""gRPC shell of the expert worker: proto <-> core, one compute thread, in-band stream errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import structlog
+
+from services.common.tensor_proto import dtype_from_proto, from_proto, to_proto
+from services.engine.wire import WireError
+from services.expert_worker.core import DispatchInput, DispatchRejected, ExpertWorkerCore
+from services.expert_worker.metrics import WorkerMetrics
+from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
+
+log = structlog.get_logger("expert_worker")
+
+
+def _input(req: expert_pb2.DispatchRequest) -> DispatchInput:
+    try:
+        return DispatchInput(
+            step_id=req.step_id, micro_batch=req.micro_batch, layer_id=req.layer_id,
+            placement_version=req.placement_version, hidden=from_proto(req.hidden),
+            slots=from_proto(req.slots), weights=from_proto(req.weights),
+            combine_dtype=dtype_from_proto(req.combine_dtype),
+        )
+    except WireError as exc:
+        raise DispatchRejected("INVALID_ARGUMENT", str(exc)) from exc
+
+
+class ExpertWorkerServicer(expert_pb2_grpc.ExpertWorkerServicer):
+    def __init__(self, core: ExpertWorkerCore, info: expert_pb2.WorkerInfo,
+                 metrics: WorkerMetrics) -> None:
+        self.core, self.info, self.metrics = core, info, metrics
+        # One compute thread keeps work ordered and leaves the event loop free for I/O.
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def _handle(self, req: expert_pb2.DispatchRequest) -> expert_pb2.DispatchResponse:
+        reply = expert_pb2.DispatchResponse(step_id=req.step_id, micro_batch=req.micro_batch,
+                                            layer_id=req.layer_id)
+        self.in_flight += 1
+        self.idle.clear()
+        t0 = time.perf_counter()
+        try:
+            self.core.check_header(req.placement_version, req.layer_id)
+            out = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.core.run, _input(req))
+            reply.combined.CopyFrom(to_proto(out.combined))
+            reply.compute_seconds = out.compute_seconds
+            self.metrics.observe(req, time.perf_counter() - t0, out.compute_seconds)
+        except DispatchRejected as exc:
+            reply.error.code, reply.error.message = exc.code, exc.message
+            self.metrics.rejected.labels(code=exc.code).inc()
+            log.warning("dispatch_rejected", code=exc.code, reason=exc.message,
+                        layer=req.layer_id, step=req.step_id, tag=req.trace_tag)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+        return reply
+
+    async def Dispatch(self, request_iterator, context):  # noqa: N802 (gRPC naming)
+        async for req in request_iterator:
+            yield await self._handle(req)
+
+    async def DispatchOnce(self, request, context):  # noqa: N802
+        reply = await self._handle(request)
+        if reply.HasField("error"):
+            await context.abort(getattr(grpc.StatusCode, reply.error.code), reply.error.message)
+        return reply
+
+    async def Info(self, request, context):  # noqa: N802
+        return self.info
+
+    async def Load(self, request, context):  # noqa: N802
+        loads = self.core.load(reset=request.reset)
+        reply = expert_pb2.ExpertLoad(rank=self.core.rank,
+                                      placement_version=self.core.placement_version)
+        for layer, (slots, tokens) in sorted(loads.items()):
+            reply.layers.add(layer_id=layer, slots=slots, tokens=tokens)
+        return reply
+
+    async def wait_idle(self) -> None:
+        await self.idle.wait()
+
+
+def combine_dtype_proto(name: str) -> int:
+    return {"fp32": tensor_pb2.DTYPE_FP32, "bf16": tensor_pb2.DTYPE_BF16}[name]
