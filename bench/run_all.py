@@ -9,6 +9,9 @@ import sys
 # (module, accepts --model)
 BENCHMARKS = (
     ("bench.bench_engine", True),
+    ("bench.bench_ep", True),
+    ("bench.bench_eplb", False),
+    ("bench.bench_request_lb", False),
 )
 
 

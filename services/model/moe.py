@@ -77,6 +77,9 @@ class ExpertBank(nn.Module):
             local[torch.tensor(self.keys, device="cpu")] = torch.arange(n, device="cpu")
         self.register_buffer("local_index", local, persistent=False)
         self.register_buffer("token_counts", torch.zeros(n, dtype=torch.long, device="cpu"), persistent=False)
+        # "auto": gathered batched matmul for few tokens per expert on a GPU, else a loop over
+        # experts; "loop" / "gather" force one path (tests compare them).
+        self.mode = "auto"
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -98,24 +101,39 @@ class ExpertBank(nn.Module):
         if held.numel() == 0:
             return out
         local_held = local[held]
-        order = torch.argsort(local_held, stable=True)
-        entries, experts = held[order], local_held[order]
-        counts = torch.bincount(experts, minlength=len(self))
+        token_of_entry = held // keys.shape[1]
+        entry_weights = weights.reshape(-1)[held].float()
+        counts = torch.bincount(local_held, minlength=len(self))
         self.token_counts += counts
-        token_of_entry = entries // keys.shape[1]
-        flat_weights = weights.reshape(-1).float()
+        hit = int((counts > 0).sum())
+        # On a GPU, few tokens per expert (decode) is cheaper as one batched matmul than as a
+        # kernel launch per expert; on a CPU the gather's weight copy costs what it saves.
+        few = held.numel() < 4 * hit and x.is_cuda
+        if self.mode == "gather" or (self.mode == "auto" and few):
+            y = self._gathered(x, token_of_entry, local_held)
+            out.index_add_(0, token_of_entry, y.float() * entry_weights[:, None])
+            return out
+        order = torch.argsort(local_held, stable=True)
+        rows_sorted, w_sorted = token_of_entry[order], entry_weights[order]
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
-            rows = token_of_entry[start : start + n]
-            w = flat_weights[entries[start : start + n]]
+            rows, w = rows_sorted[start : start + n], w_sorted[start : start + n]
             start += n
             gate, up = F.linear(x[rows], self.gate_up[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down[e])
             # rows are distinct within one expert; index_put_ is the cheapest scatter-add on CPU
             out.index_put_((rows,), y.float() * w[:, None], accumulate=True)
         return out
+
+    def _gathered(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Few tokens per expert (decode): one batched matmul over (token, expert) entries
+        instead of a Python loop over experts. Returns [entries, H] in x's dtype."""
+        h = x[rows].unsqueeze(-1)  # [N, H, 1]
+        gate, up = torch.bmm(self.gate_up[experts], h).squeeze(-1).chunk(2, dim=-1)
+        act = (F.silu(gate) * up).unsqueeze(-1)  # [N, I, 1]
+        return torch.bmm(self.down[experts], act).squeeze(-1)
 
 
 class MoE(nn.Module):

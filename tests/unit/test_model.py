@@ -119,3 +119,18 @@ def test_bf16_load(tiny_model_dir):
     assert model.layers[1].mlp.gate.weight.dtype == torch.float32  # the router stays fp32
     logits = _step_logits(model, [[3, 4, 5]], "auto")
     assert torch.isfinite(logits).all()
+
+
+def test_gathered_and_looped_expert_paths_agree(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    moe = model.layers[model.cfg.moe_layer_ids[0]].mlp
+    for tokens in (3, 200):  # few tokens per expert, then many
+        x = torch.randn(tokens, model.cfg.hidden_size, generator=torch.Generator().manual_seed(tokens))
+        weights, ids = moe.gate(x)
+        outs = {}
+        for mode in ("loop", "gather", "auto"):
+            moe.experts.mode = mode
+            outs[mode] = moe.experts(x, ids, weights)
+        moe.experts.mode = "auto"
+        assert (outs["loop"] - outs["gather"]).abs().max() < 1e-5
+        assert torch.equal(outs["auto"], outs["loop"])  # on a CPU, auto always loops

