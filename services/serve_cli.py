@@ -17,6 +17,8 @@ from services.common.settings import add_settings_args, settings_from
 SERVICES = {
     "expert-worker": ("services.expert_worker.__main__", "services.expert_worker.config",
                       "ExpertWorkerConfig"),
+    "prefill": ("services.prefill.__main__", "services.prefill.config", "PrefillConfig"),
+    "decode": ("services.decode.__main__", "services.decode.config", "DecodeConfig"),
 }
 
 

@@ -13,7 +13,10 @@ import torch
 
 from services.balance.naive import contiguous_placement
 from services.balance.placement import PlacementTable
+from services.common import subjects
+from services.common.control import connect, kv_bucket, table_from, wait_for_topology
 from services.common.health import add_health
+from services.common.heartbeat import HeartbeatPublisher
 from services.common.logging import configure_logging
 from services.common.metrics_http import start_metrics_http
 from services.common.shutdown import StopEvent, drain, install_signal_handlers
@@ -23,7 +26,7 @@ from services.expert_worker.metrics import WorkerMetrics, register_load_collecto
 from services.expert_worker.server import ExpertWorkerServicer
 from services.model.config import ModelConfig
 from services.model.loader import LoadReport, load_expert_banks, parse_dtype
-from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
+from services.protos_gen.epserve.v1 import control_pb2, expert_pb2, expert_pb2_grpc
 
 log = structlog.get_logger("expert_worker")
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20),
@@ -37,9 +40,13 @@ def resident_bytes() -> int:
     return 0
 
 
-def placement_for(cfg: ExpertWorkerConfig, model_cfg: ModelConfig) -> PlacementTable:
+async def placement_for(cfg: ExpertWorkerConfig, model_cfg: ModelConfig, nc) -> PlacementTable:
+    """A placement file, else the scheduler's topology on NATS, else the contiguous plan."""
     if cfg.placement:
         return PlacementTable.from_dict(json.loads(Path(cfg.placement).read_text()))
+    if nc is not None:
+        kv = await kv_bucket(nc.jetstream(), subjects.TOPOLOGY_BUCKET)
+        return table_from(await wait_for_topology(kv, timeout=300.0, need_endpoints=False))
     return contiguous_placement(model_cfg.n_routed_experts, cfg.num_workers,
                                 model_cfg.moe_layer_ids, redundant=cfg.redundant_experts)
 
@@ -54,7 +61,8 @@ async def serve(cfg: ExpertWorkerConfig) -> int:
     configure_logging("expert-worker", cfg.rank, cfg.log_level)
     _pin(cfg)
     model_cfg = ModelConfig.from_dir(cfg.model)
-    table = placement_for(cfg, model_cfg)
+    nc = await connect(cfg.nats_url, f"expert-worker-{cfg.rank}") if cfg.nats_url else None
+    table = await placement_for(cfg, model_cfg, nc)
     if cfg.rank >= table.num_workers:
         raise ValueError(f"rank {cfg.rank} but the placement has {table.num_workers} workers")
     slots = table.slots_of_worker(cfg.rank)
@@ -82,6 +90,13 @@ async def serve(cfg: ExpertWorkerConfig) -> int:
     if cfg.port_file:
         Path(cfg.port_file).write_text(str(port))
     metrics_port = start_metrics_http(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
+    heartbeat = None
+    if nc is not None:
+        heartbeat = HeartbeatPublisher(
+            nc, "expert-worker", f"expert-worker-{cfg.rank}", f"{cfg.advertise_host or cfg.host}:{port}",
+            cfg.heartbeat_interval_s, rank=cfg.rank, placement_version=lambda: core.placement_version)
+        heartbeat.state = control_pb2.STATE_SERVING
+        heartbeat.start()
     await health.set_serving()
     log.info("expert_worker_ready", port=port, metrics_port=metrics_port, device=cfg.device,
              placement_version=table.version, slots=list(slots),
@@ -89,8 +104,13 @@ async def serve(cfg: ExpertWorkerConfig) -> int:
     stop = StopEvent()
 
     async def on_stop() -> None:
+        if heartbeat is not None:
+            await heartbeat.set_state(control_pb2.STATE_DRAINING)
         await drain(health=health, grace_s=cfg.drain_grace_s, finish_in_flight=servicer.wait_idle,
                     server=server, server_grace_s=5.0)
+        if heartbeat is not None:
+            await heartbeat.stop()
+            await nc.drain()
         stop.set("signal")
 
     install_signal_handlers(asyncio.get_running_loop(), on_stop)

@@ -14,6 +14,8 @@ class ExpertWorkerConfig:
         "help": "with no --placement: build the contiguous placement for this many workers"})
     redundant_experts: int = field(default=0, metadata={"help": "redundant slots (no --placement)"})
     host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen host"})
+    advertise_host: str = field(default="", metadata={"help": "host others dial (default host)"})
+    heartbeat_interval_s: float = field(default=0.5, metadata={"help": "heartbeat period"})
     port: int = field(default=0, metadata={"help": "gRPC listen port (0 = pick a free one)"})
     port_file: str = field(default="", metadata={"help": "write the bound port here"})
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus port (-1 off, 0 any)"})
@@ -29,8 +31,8 @@ class ExpertWorkerConfig:
             raise ValueError("--model is required")
         if self.rank < 0:
             raise ValueError("--rank must be >= 0")
-        if not self.placement and self.num_workers <= 0:
-            raise ValueError("give --placement FILE or --num-workers N")
+        if not self.placement and self.num_workers <= 0 and not self.nats_url:
+            raise ValueError("give --placement FILE, --nats-url URL or --num-workers N")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda:N, got {self.device!r}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -1,0 +1,185 @@
+"""Decode instance core: KV reservations, latent-KV install, continuous batching.
+
+Requests join and leave the running batch at every step. Each request has an event queue the
+server drains into its gRPC stream: ("token", seq, id) ... then ("finished", reason, count).
+Token seq 0 is the first token, sampled by the prefill instance and handed over with the KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from services.engine.kv_budget import KVBudget, NeverFits
+from services.engine.kv_cache import LatentKVCache, SeqChunk
+from services.engine.sampling import SamplingParams, sample_token
+from services.engine.sequence import Sequence
+from services.model.config import ModelConfig
+
+log = structlog.get_logger("decode")
+
+Forward = Callable[[torch.Tensor, object, list[torch.Tensor]], Awaitable[torch.Tensor]]
+
+
+class Rejected(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class DecodeSlot:
+    seq: Sequence
+    blocks: int
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    kv_ready: bool = False
+    emitted: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+
+class DecodeCore:
+    def __init__(self, cfg: ModelConfig, forward: Forward, cache: LatentKVCache,
+                 max_batch: int = 64, admission_wait_s: float = 30.0) -> None:
+        self.cfg, self.forward, self.cache = cfg, forward, cache
+        self.budget = KVBudget(cache.allocator.num_blocks, cache.allocator.block_size)
+        self.max_batch, self.admission_wait_s = max_batch, admission_wait_s
+        self.slots: dict[str, DecodeSlot] = {}
+        self.draining = False
+        self._wake = asyncio.Event()
+        self._room = asyncio.Condition()
+        self._task: asyncio.Task | None = None
+        self.steps = 0
+        self.last_batch = 0
+
+    # ---- admission ------------------------------------------------------------------------
+    async def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> DecodeSlot:
+        if self.draining:
+            raise Rejected("UNAVAILABLE", "decode instance is draining")
+        if request_id in self.slots:
+            raise Rejected("ALREADY_EXISTS", f"request {request_id} is already here")
+        blocks = self.budget.blocks_needed(len(prompt_ids), params.max_tokens,
+                                           self.cfg.max_position_embeddings)
+        try:
+            async with self._room:
+                ok = await asyncio.wait_for(self._room.wait_for(
+                    lambda: self.budget.try_reserve(request_id, blocks)), self.admission_wait_s)
+        except NeverFits as exc:
+            raise Rejected("RESOURCE_EXHAUSTED", str(exc)) from exc
+        except TimeoutError as exc:
+            raise Rejected("RESOURCE_EXHAUSTED",
+                           f"KV cache full: {blocks} blocks not free within "
+                           f"{self.admission_wait_s}s") from exc
+        assert ok
+        seq = Sequence(request_id, list(prompt_ids), params, self.cfg.eos_token_id,
+                       self.cfg.max_position_embeddings)
+        slot = DecodeSlot(seq, blocks)
+        self.slots[request_id] = slot
+        log.info("decode_admitted", request_id=request_id, blocks=blocks,
+                 free_blocks=self.budget.free_blocks)
+        return slot
+
+    # ---- KV hand-over from prefill ----------------------------------------------------------
+    def install_kv(self, request_id: str, latent: torch.Tensor, first_token: int) -> None:
+        slot = self.slots.get(request_id)
+        if slot is None:
+            raise Rejected("NOT_FOUND", f"no reservation for request {request_id}")
+        if slot.kv_ready:
+            raise Rejected("FAILED_PRECONDITION", f"request {request_id} already has its KV")
+        want = (self.cfg.num_hidden_layers, len(slot.seq.prompt_ids), self.cfg.latent_dim)
+        if tuple(latent.shape) != want:
+            raise Rejected("INVALID_ARGUMENT",
+                           f"KV of shape {list(latent.shape)}, expected {list(want)}")
+        if not 0 <= first_token < self.cfg.vocab_size:
+            raise Rejected("INVALID_ARGUMENT", f"first token {first_token} outside the vocab")
+        self.cache.write(request_id, latent)
+        slot.kv_ready = True
+        self._append(slot, first_token)
+        self._wake.set()
+
+    # ---- the batch loop ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    def running(self) -> list[DecodeSlot]:
+        return [s for s in self.slots.values() if s.kv_ready and not s.seq.finished]
+
+    async def _loop(self) -> None:
+        while True:
+            batch_slots = self.running()[: self.max_batch]
+            if not batch_slots:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._step(batch_slots)
+            except Exception as exc:  # a failed step fails its requests loudly, not silently
+                log.error("decode_step_failed", error=str(exc), requests=len(batch_slots))
+                for s in batch_slots:
+                    self._fail(s, str(exc))
+            await asyncio.sleep(0)  # let new arrivals and stream writers run between steps
+
+    async def _step(self, batch_slots: list[DecodeSlot]) -> None:
+        chunks = [SeqChunk(s.request_id, s.seq.cache_len, 1) for s in batch_slots]
+        batch = self.cache.batch(chunks)
+        ids = torch.tensor([s.seq.output_ids[-1] for s in batch_slots], dtype=torch.long)
+        logits = (await self.forward(ids, batch, self.cache.layers)).float().cpu()
+        self.steps += 1
+        self.last_batch = len(batch_slots)
+        for slot, row in zip(batch_slots, logits, strict=True):
+            if slot.request_id in self.slots and not slot.seq.finished:
+                self._append(slot, sample_token(row, slot.seq.params, len(slot.seq.output_ids)))
+
+    def _append(self, slot: DecodeSlot, token: int) -> None:
+        slot.seq.append(token)
+        slot.events.put_nowait(("token", slot.emitted, token))
+        slot.emitted += 1
+        if slot.seq.finished:
+            slot.events.put_nowait(("finished", slot.seq.finish_reason, len(slot.seq.output_ids)))
+            self._release(slot)
+
+    def _fail(self, slot: DecodeSlot, message: str) -> None:
+        slot.events.put_nowait(("error", "INTERNAL", message))
+        self._release(slot)
+
+    def _release(self, slot: DecodeSlot) -> None:
+        if self.slots.pop(slot.request_id, None) is None:
+            return
+        self.cache.free(slot.request_id)
+        self.budget.release(slot.request_id)
+        asyncio.get_running_loop().create_task(self._notify_room())
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    def cancel(self, request_id: str) -> None:
+        """Client went away or the router gave up: free the slot now."""
+        slot = self.slots.get(request_id)
+        if slot is not None:
+            slot.seq.finish_reason = slot.seq.finish_reason or "abort"
+            log.info("decode_cancelled", request_id=request_id, tokens=len(slot.seq.output_ids))
+            self._release(slot)
+
+    # ---- state for heartbeats, metrics and drain ---------------------------------------------
+    def load(self) -> dict[str, int]:
+        return {"running_requests": len(self.slots), "kv_blocks_in_use": self.budget.reserved_blocks,
+                "kv_blocks_total": self.budget.total_blocks}
+
+    async def finish_in_flight(self, poll_s: float = 0.05) -> None:
+        self.draining = True
+        while self.slots:
+            await asyncio.sleep(poll_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

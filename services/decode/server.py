@@ -1,0 +1,104 @@
+"""gRPC shell of the decode instance: Generate (token stream) and TransferKV."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import structlog
+import torch
+
+from services.common.logging import bind_request
+from services.common.sampling_proto import params_from_proto
+from services.decode import metrics
+from services.decode.core import DecodeCore, Rejected
+from services.engine.kv_transfer import KVAssembler, TransferError
+from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
+
+log = structlog.get_logger("decode")
+
+
+class DecodeServicer(serving_pb2_grpc.DecodeServicer):
+    def __init__(self, core: DecodeCore, instance_id: str, dtype: torch.dtype) -> None:
+        self.core, self.instance_id, self.dtype = core, instance_id, dtype
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC naming)
+        with bind_request(request.request_id):
+            try:
+                params = params_from_proto(request.sampling)
+                if params.temperature > 0 and params.seed is None:
+                    raise ValueError("sampling needs a seed (the router sets one)")
+                slot = await self.core.admit(request.request_id, list(request.prompt_ids), params)
+            except ValueError as exc:
+                metrics.REQUESTS.labels(outcome="invalid").inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{request.request_id}: {exc}")
+            except Rejected as exc:
+                metrics.REQUESTS.labels(outcome=exc.code.lower()).inc()
+                await context.abort(getattr(grpc.StatusCode, exc.code),
+                                    f"{request.request_id}: {exc.message}")
+            self._gauges()
+            yield serving_pb2.DecodeEvent(accepted=serving_pb2.DecodeAccepted(
+                instance_id=self.instance_id, reserved_blocks=slot.blocks))
+            finished = False
+            last = None
+            try:
+                while True:
+                    kind, a, b = await slot.events.get()
+                    if kind == "token":
+                        now = time.monotonic()
+                        if last is not None:
+                            metrics.TPOT.observe(now - last)
+                        last = now
+                        metrics.TOKENS.inc()
+                        yield serving_pb2.DecodeEvent(token=serving_pb2.DecodeToken(seq=a, token_id=b))
+                    elif kind == "finished":
+                        finished = True
+                        metrics.REQUESTS.labels(outcome="finished").inc()
+                        yield serving_pb2.DecodeEvent(finished=serving_pb2.DecodeFinished(
+                            finish_reason=a, completion_tokens=b))
+                        return
+                    else:
+                        finished = True
+                        metrics.REQUESTS.labels(outcome="error").inc()
+                        await context.abort(grpc.StatusCode.INTERNAL, f"{request.request_id}: {b}")
+            finally:
+                if not finished:  # the router cancelled: free the slot now
+                    metrics.REQUESTS.labels(outcome="cancelled").inc()
+                    self.core.cancel(request.request_id)
+                self._gauges()
+
+    async def TransferKV(self, request_iterator, context):  # noqa: N802
+        asm = KVAssembler()
+        try:
+            async for chunk in request_iterator:
+                asm.add(chunk)
+            latent = asm.tensor(self.dtype)
+            with bind_request(asm.request_id):
+                self.core.install_kv(asm.request_id, latent, asm.first_token)
+                log.info("kv_installed", tokens=latent.shape[1], bytes=asm.received)
+        except (TransferError, Rejected) as exc:
+            metrics.KV_TRANSFERS.labels(outcome=exc.code.lower()).inc()
+            log.warning("kv_transfer_rejected", request_id=asm.request_id, code=exc.code,
+                        reason=exc.message)
+            await context.abort(getattr(grpc.StatusCode, exc.code),
+                                f"{asm.request_id or '?'}: {exc.message}")
+        metrics.KV_TRANSFERS.labels(outcome="ok").inc()
+        metrics.KV_BYTES.inc(asm.received)
+        return serving_pb2.KVTransferAck(request_id=asm.request_id, bytes=asm.received)
+
+    def _gauges(self) -> None:
+        load = self.core.load()
+        metrics.RUNNING.set(load["running_requests"])
+        metrics.KV_BLOCKS.set(load["kv_blocks_in_use"])
+
+
+async def timed_forward(instance, ids, batch, caches):
+    t0 = time.perf_counter()
+    out = await instance.forward(ids, batch, caches)
+    metrics.STEP.observe(time.perf_counter() - t0)
+    metrics.BATCH.observe(len(batch.query_lens))
+    return out
+
+
+

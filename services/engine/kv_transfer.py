@@ -1,0 +1,91 @@
+"""Latent-KV transfer between prefill and decode: chunked bytes with a sha256, fail closed.
+
+A sequence's latent KV [layers, tokens, latent_dim] travels as raw bytes in chunks of at most
+`chunk_bytes`. The receiver checks names, order, sizes, shape and checksum before a single
+value reaches its cache: any mismatch raises TransferError and nothing is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+
+from services.common.tensor_proto import dtype_from_proto, dtype_to_proto
+from services.engine.wire import WireError, WireTensor, decode, encode
+from services.protos_gen.epserve.v1 import serving_pb2
+
+CHUNK_BYTES = 1 << 20
+
+
+class TransferError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def kv_chunks(request_id: str, latent: torch.Tensor, first_token: int,
+              chunk_bytes: int = CHUNK_BYTES) -> Iterator[serving_pb2.KVChunk]:
+    dtype = "bf16" if latent.dtype == torch.bfloat16 else "fp32"
+    wire = encode(latent, dtype)
+    data = wire.data
+    digest = hashlib.sha256(data).digest()
+    pieces = [data[i:i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
+    for i, piece in enumerate(pieces):
+        chunk = serving_pb2.KVChunk(request_id=request_id, index=i, data=piece,
+                                    last=i == len(pieces) - 1)
+        if i == 0:
+            chunk.dtype = dtype_to_proto(dtype)
+            chunk.shape.extend(wire.shape)
+            chunk.first_token = first_token
+            chunk.total_bytes = len(data)
+        if chunk.last:
+            chunk.sha256 = digest
+        yield chunk
+
+
+class KVAssembler:
+    def __init__(self) -> None:
+        self.request_id = ""
+        self.first: serving_pb2.KVChunk | None = None
+        self.parts: list[bytes] = []
+        self.hasher = hashlib.sha256()
+        self.received = 0
+        self.done = False
+
+    def add(self, chunk: serving_pb2.KVChunk) -> None:
+        if self.done:
+            raise TransferError("INVALID_ARGUMENT", "chunk after the last one")
+        expected = len(self.parts)
+        if chunk.index != expected:
+            raise TransferError("INVALID_ARGUMENT", f"chunk {chunk.index} arrived, expected {expected}")
+        if expected == 0:
+            self.first, self.request_id = chunk, chunk.request_id
+        elif chunk.request_id != self.request_id:
+            raise TransferError("INVALID_ARGUMENT", "chunks of two requests in one transfer")
+        self.parts.append(chunk.data)
+        self.hasher.update(chunk.data)
+        self.received += len(chunk.data)
+        if self.received > self.first.total_bytes:
+            raise TransferError("DATA_LOSS", f"more than the announced {self.first.total_bytes} bytes")
+        if chunk.last:
+            self.done = True
+            if self.received != self.first.total_bytes:
+                raise TransferError("DATA_LOSS", f"got {self.received} of {self.first.total_bytes} bytes")
+            if self.hasher.digest() != chunk.sha256:
+                raise TransferError("DATA_LOSS", f"KV checksum mismatch for {self.request_id}")
+
+    def tensor(self, out_dtype: torch.dtype) -> torch.Tensor:
+        if not self.done or self.first is None:
+            raise TransferError("DATA_LOSS", "transfer ended before its last chunk")
+        try:
+            wire = WireTensor(dtype_from_proto(self.first.dtype), tuple(self.first.shape),
+                              b"".join(self.parts))
+            return decode(wire, out_dtype)
+        except WireError as exc:
+            raise TransferError("INVALID_ARGUMENT", str(exc)) from exc
+
+    @property
+    def first_token(self) -> int:
+        return self.first.first_token if self.first is not None else -1

@@ -1,0 +1,136 @@
+"""Prefill instance core: batch queued prompts, run them once, sample token 0, hand back KV.
+
+Prompts wait in a bounded FIFO; each step takes as many as fit in `max_batch_tokens` (at least
+one) and runs them as one ragged batch. Each result is the first token and the sequence's
+latent KV [layers, prompt_len, latent_dim], read out of a cache that lives only for the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from services.engine.kv_cache import LatentKVCache, SeqChunk
+from services.engine.sampling import SamplingParams, sample_token
+from services.model.config import ModelConfig
+
+log = structlog.get_logger("prefill")
+
+Forward = Callable[[torch.Tensor, object, list[torch.Tensor]], Awaitable[torch.Tensor]]
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class PrefillJob:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    done: asyncio.Future
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class PrefillOutput:
+    first_token: int
+    latent: torch.Tensor
+    seconds: float
+
+
+class PrefillCore:
+    def __init__(self, cfg: ModelConfig, forward: Forward, dtype: torch.dtype, device,
+                 max_batch_tokens: int = 4096, max_queue: int = 256, block_size: int = 64) -> None:
+        self.cfg, self.forward, self.dtype, self.device = cfg, forward, dtype, device
+        self.max_batch_tokens, self.max_queue, self.block_size = max_batch_tokens, max_queue, block_size
+        self.queue: deque[PrefillJob] = deque()
+        self.running: list[PrefillJob] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.draining = False
+        self.batches = 0
+
+    async def submit(self, request_id: str, prompt_ids: list[int],
+                     params: SamplingParams) -> PrefillOutput:
+        if len(self.queue) >= self.max_queue:
+            raise QueueFull(f"prefill queue full ({self.max_queue} prompts waiting)")
+        job = PrefillJob(request_id, list(prompt_ids), params,
+                         asyncio.get_running_loop().create_future())
+        self.queue.append(job)
+        self._wake.set()
+        return await job.done
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    def _take_batch(self) -> list[PrefillJob]:
+        batch, tokens = [], 0
+        while self.queue:
+            n = len(self.queue[0].prompt_ids)
+            if batch and tokens + n > self.max_batch_tokens:
+                break
+            job = self.queue.popleft()
+            if job.done.cancelled():
+                continue
+            batch.append(job)
+            tokens += n
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self.running = self._take_batch()
+            if self.running:
+                await self._run(self.running)
+            self.running = []
+            await asyncio.sleep(0)
+
+    async def _run(self, jobs: list[PrefillJob]) -> None:
+        t0 = time.perf_counter()
+        blocks = sum(-(-len(j.prompt_ids) // self.block_size) for j in jobs)
+        cache = LatentKVCache(self.cfg.num_hidden_layers, self.cfg.latent_dim, blocks,
+                              self.block_size, self.dtype, self.device)
+        try:
+            batch = cache.batch([SeqChunk(j.request_id, 0, len(j.prompt_ids)) for j in jobs])
+            ids = torch.tensor([t for j in jobs for t in j.prompt_ids], dtype=torch.long)
+            logits = (await self.forward(ids, batch, cache.layers)).float().cpu()
+        except Exception as exc:
+            log.error("prefill_batch_failed", error=str(exc), requests=len(jobs))
+            for j in jobs:
+                if not j.done.done():
+                    j.done.set_exception(exc)
+            return
+        seconds = time.perf_counter() - t0
+        self.batches += 1
+        for job, row in zip(jobs, logits, strict=True):
+            if job.done.done():
+                continue
+            token = sample_token(row, job.params, step=0)
+            job.done.set_result(PrefillOutput(token, cache.read(job.request_id, len(job.prompt_ids)).cpu(),
+                                              seconds))
+
+    def load(self) -> dict:
+        jobs = list(self.queue) + self.running
+        return {"queued_requests": len(jobs),
+                "queued_tokens": sum(len(j.prompt_ids) for j in jobs),
+                "attention_cost": float(sum(len(j.prompt_ids) ** 2 for j in jobs))}
+
+    async def finish_in_flight(self, poll_s: float = 0.05) -> None:
+        self.draining = True
+        while self.queue or self.running:
+            await asyncio.sleep(poll_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

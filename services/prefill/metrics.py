@@ -1,0 +1,12 @@
+"""Prometheus metrics of a prefill instance."""
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter("epserve_prefill_requests_total", "prefill requests by outcome", ["outcome"])
+PREFILL_SECONDS = Histogram("epserve_prefill_batch_seconds", "prompt batch compute time",
+                            buckets=(5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
+TRANSFER_SECONDS = Histogram("epserve_prefill_kv_transfer_seconds", "KV transfer time",
+                             buckets=(1e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0))
+KV_BYTES = Counter("epserve_prefill_kv_bytes_total", "latent-KV bytes sent")
+BATCH_TOKENS = Histogram("epserve_prefill_batch_tokens", "prompt tokens per batch",
+                         buckets=(16, 64, 256, 1024, 4096, 16384))

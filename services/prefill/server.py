@@ -1,0 +1,82 @@
+"""gRPC shell of the prefill instance: run the prompt, push its KV to the decode instance."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import structlog
+
+from services.common.logging import bind_request
+from services.common.sampling_proto import params_from_proto
+from services.engine.ep_client import EPError
+from services.engine.kv_transfer import kv_chunks
+from services.prefill import metrics
+from services.prefill.core import PrefillCore, QueueFull
+from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
+
+log = structlog.get_logger("prefill")
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 512 << 20),
+                   ("grpc.max_receive_message_length", 512 << 20)]
+
+
+class PrefillServicer(serving_pb2_grpc.PrefillServicer):
+    def __init__(self, core: PrefillCore, instance_id: str, transfer_timeout_s: float,
+                 chunk_bytes: int) -> None:
+        self.core, self.instance_id = core, instance_id
+        self.transfer_timeout_s, self.chunk_bytes = transfer_timeout_s, chunk_bytes
+        self.channels: dict[str, grpc.aio.Channel] = {}
+
+    def _decode_stub(self, endpoint: str) -> serving_pb2_grpc.DecodeStub:
+        if endpoint not in self.channels:
+            self.channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        return serving_pb2_grpc.DecodeStub(self.channels[endpoint])
+
+    async def Prefill(self, request, context):  # noqa: N802 (gRPC naming)
+        rid = request.request_id
+        with bind_request(rid):
+            if self.core.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{rid}: prefill instance is draining")
+            if not request.prompt_ids or not request.decode_endpoint:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{rid}: prompt_ids and decode_endpoint are required")
+            try:
+                params = params_from_proto(request.sampling)
+                if params.temperature > 0 and params.seed is None:
+                    raise ValueError("sampling needs a seed (the router sets one)")
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")
+            try:
+                out = await self.core.submit(rid, list(request.prompt_ids), params)
+            except QueueFull as exc:
+                metrics.REQUESTS.labels(outcome="queue_full").inc()
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{rid}: {exc}")
+            except EPError as exc:
+                metrics.REQUESTS.labels(outcome="expert_error").inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{rid}: expert workers: {exc}")
+            metrics.PREFILL_SECONDS.observe(out.seconds)
+            t0 = time.perf_counter()
+            try:
+                ack = await self._decode_stub(request.decode_endpoint).TransferKV(
+                    kv_chunks(rid, out.latent, out.first_token, self.chunk_bytes),
+                    timeout=self.transfer_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                metrics.REQUESTS.labels(outcome="transfer_failed").inc()
+                log.warning("kv_transfer_failed", decode=request.decode_endpoint,
+                            code=exc.code().name, reason=exc.details())
+                code = grpc.StatusCode.DATA_LOSS if exc.code() == grpc.StatusCode.DATA_LOSS \
+                    else grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, f"{rid}: KV transfer to {request.decode_endpoint} "
+                                          f"failed: {exc.code().name} {exc.details()}")
+            transfer = time.perf_counter() - t0
+            metrics.TRANSFER_SECONDS.observe(transfer)
+            metrics.REQUESTS.labels(outcome="ok").inc()
+            metrics.KV_BYTES.inc(ack.bytes)
+            return serving_pb2.PrefillResult(
+                instance_id=self.instance_id, first_token=out.first_token,
+                prompt_tokens=len(request.prompt_ids), prefill_seconds=out.seconds,
+                transfer_seconds=transfer, kv_bytes=ack.bytes)
+
+    async def close(self) -> None:
+        for ch in self.channels.values():
+            await ch.close()
