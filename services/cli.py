@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "services.balance.cli",  # placement
     "services.economics.cli",  # economics report|reproduce|capacity
     "services.serve_cli",  # serve <service>
+    "services.up_cli",  # up
     "services.common.cli",  # link-proxy, nats-server
 )
 

@@ -47,6 +47,7 @@ class LocalCluster:
         self.group = ProcessGroup(self.log_dir)
         self.nats: NatsServer | None = None
         self.endpoints: dict[str, str] = {}
+        self.metrics_urls: dict[str, str] = {}
 
     @property
     def router_endpoint(self) -> str:
@@ -62,13 +63,15 @@ class LocalCluster:
     def _start(self, name: str, service: str, args: list[str]) -> tuple[ServiceProcess, str]:
         s = self.spec
         port = s.router_port if name == "router" and s.router_port else free_port(s.host)
+        metrics_port = free_port(s.host)
         target = f"{s.host}:{port}"
         env = {"OMP_NUM_THREADS": str(s.threads_per_process)} if s.threads_per_process else {}
         proc = self.group.start_epserve(name, [
             "serve", service, "--model", s.model, "--nats-url", self.nats.url, "--host", s.host,
-            "--port", str(port), "--log-level", s.log_level, *args,
-            *s.extra.get(service, ())], env=env)
+            "--port", str(port), "--metrics-port", str(metrics_port), "--log-level", s.log_level,
+            *args, *s.extra.get(service, ())], env=env)
         self.endpoints[name] = target
+        self.metrics_urls[name] = f"http://{s.host}:{metrics_port}/metrics"
         return proc, target
 
     def _stage(self, starts: list[tuple[str, str, list[str]]], timeout: float) -> None:

@@ -19,6 +19,8 @@ SERVICES = {
                       "ExpertWorkerConfig"),
     "prefill": ("services.prefill.__main__", "services.prefill.config", "PrefillConfig"),
     "decode": ("services.decode.__main__", "services.decode.config", "DecodeConfig"),
+    "scheduler": ("services.scheduler.__main__", "services.scheduler.config", "SchedulerConfig"),
+    "router": ("services.router.__main__", "services.router.config", "RouterConfig"),
 }
 
 

@@ -35,8 +35,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text with the reference engine")
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p = subparsers.add_parser(
+        "generate", help="generate text: locally (reference or EP engine) or through a cluster")
+    p.add_argument("--model", default="", help="checkpoint directory (local generation)")
+    p.add_argument("--endpoint", default="",
+                   help="HOST:PORT of a running router (epserve up): generate through the cluster")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--expert-workers", type=int, default=0,
                    help="run routed experts on N expert-worker processes started here")
@@ -129,12 +132,42 @@ async def _generate_ep(args: argparse.Namespace, model, requests):
             workers.stop()
 
 
+async def _generate_remote(args: argparse.Namespace, params: SamplingParams) -> list[dict]:
+    """Every prompt sent concurrently to the router; text prompts are tokenised there."""
+    import grpc
+
+    from services.client import InferenceClient
+
+    prompts = [{"prompt_ids": _ids(p, "--prompt-ids")} for p in args.prompt_ids]
+    prompts += [{"messages": [("user", t)]} if args.chat else {"prompt": t} for t in args.prompt]
+    if not prompts:
+        raise CliError("give --prompt TEXT or --prompt-ids 1,2,3")
+    async with InferenceClient(args.endpoint) as client:
+        try:
+            done = await asyncio.gather(*(client.generate(f"cli-{i}", params=params, **p)
+                                          for i, p in enumerate(prompts)))
+        except grpc.aio.AioRpcError as exc:
+            raise CliError(f"{exc.code().name}: {exc.details()}") from exc
+    return [{"request_id": c.request_id, "token_ids": c.token_ids, "text": c.text,
+             "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+             "completion_tokens": len(c.token_ids), "ttft_s": round(c.ttft_s, 4)}
+            for c in done]
+
+
 def _run(args: argparse.Namespace) -> int:
     from services.model.loader import load_model
 
+    params = sampling_params(args)
+    if args.endpoint:
+        if args.expert_workers or args.expert_endpoints:
+            raise CliError("--endpoint sends to a cluster; it takes no --expert-* flags")
+        for row in asyncio.run(_generate_remote(args, params)):
+            print(json.dumps(row) if args.json else row["text"])
+        return 0
+    if not args.model:
+        raise CliError("give --model DIR (local) or --endpoint HOST:PORT (a running cluster)")
     if not Path(args.model).is_dir():
         raise CliError(f"model directory {args.model!r} does not exist")
-    params = sampling_params(args)
     remote = bool(args.expert_workers or args.expert_endpoints)
     if args.expert_workers < 0 or (args.expert_workers and args.expert_endpoints):
         raise CliError("give either --expert-workers N (N > 0) or --expert-endpoints")

@@ -16,6 +16,8 @@ class RouterConfig:
     model: str = field(default="", metadata={"help": "checkpoint directory (config + tokenizer)"})
     model_name: str = field(default="", metadata={
         "help": "model id clients name in requests (default: the directory's basename)"})
+    instance_id: str = field(default="", metadata={
+        "help": "this router's member id (default router-HOST-PID)"})
     # endpoints
     nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server"})
     host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen host"})
@@ -32,6 +34,8 @@ class RouterConfig:
         "help": "heartbeat period (own heartbeats; also the period expected from instances)"})
     dead_after_missed: int = field(default=3, metadata={
         "help": "an instance not heard from for this many intervals takes no new requests"})
+    instance_wait_s: float = field(default=30.0, metadata={
+        "help": "at start, wait this long for a prefill and a decode instance before SERVING"})
     # requests
     request_timeout_s: float = field(default=300.0, metadata={
         "help": "deadline of one request end to end (every internal call inherits it)"})
@@ -60,6 +64,8 @@ class RouterConfig:
             raise ValueError("--heartbeat-interval-s must be > 0")
         if self.dead_after_missed < 1:
             raise ValueError("--dead-after-missed must be >= 1")
+        if self.instance_wait_s < 0:
+            raise ValueError("--instance-wait-s must be >= 0")
         if not self.request_timeout_s > 0:
             raise ValueError("--request-timeout-s must be > 0")
         if self.prefill_retries < 0:

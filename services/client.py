@@ -1,0 +1,103 @@
+"""A gRPC client of the router's public API (`epserve.v1.Inference`), used by the CLI, the demo,
+the tests and the benchmarks. Streams are assembled into one `RemoteCompletion` per request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.engine.sampling import SamplingParams
+from services.protos_gen.epserve.v1 import inference_pb2, inference_pb2_grpc
+
+
+@dataclass
+class RemoteCompletion:
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    ttft_s: float = 0.0  # measured by this client
+    total_s: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # seconds since the request began
+    server_usage: inference_pb2.Usage | None = None
+
+    @property
+    def tpot_s(self) -> float:
+        """Mean time per output token after the first."""
+        if len(self.token_times) < 2:
+            return 0.0
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+
+def sampling_proto(p: SamplingParams) -> inference_pb2.SamplingParams:
+    out = inference_pb2.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature,
+                                       top_k=p.top_k, stop_token_ids=list(p.stop_token_ids),
+                                       ignore_eos=p.ignore_eos)
+    if p.top_p != 1.0:
+        out.top_p = p.top_p
+    if p.seed is not None:
+        out.seed = p.seed
+    return out
+
+
+class InferenceClient:
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.channel = grpc.aio.insecure_channel(endpoint)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+
+    async def __aenter__(self) -> InferenceClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None = None):
+        """The raw response stream (a call object: iterate it, or `cancel()` it)."""
+        return self.stub.Generate(request, timeout=timeout)
+
+    async def generate(self, request_id: str = "", *, prompt: str = "",
+                       prompt_ids: list[int] | None = None,
+                       messages: list[tuple[str, str]] | None = None,
+                       params: SamplingParams | None = None, model: str = "",
+                       timeout: float | None = 300.0) -> RemoteCompletion:
+        """One request to completion. A gRPC error propagates as grpc.aio.AioRpcError."""
+        req = inference_pb2.GenerateRequest(
+            request_id=request_id, model=model, prompt=prompt, prompt_ids=prompt_ids or [],
+            messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages or ()],
+            sampling=sampling_proto(params or SamplingParams()))
+        out = RemoteCompletion(request_id)
+        t0 = time.perf_counter()
+        pieces = []
+        async for resp in self.stream(req, timeout):
+            now = time.perf_counter() - t0
+            if resp.WhichOneof("kind") == "delta":
+                if not out.token_ids:
+                    out.ttft_s = now
+                out.token_ids.extend(resp.delta.token_ids)
+                out.token_times.extend([now] * len(resp.delta.token_ids))
+                pieces.append(resp.delta.text)
+            else:
+                final = resp.final
+                out.request_id = final.request_id
+                out.finish_reason = final.finish_reason
+                out.prompt_tokens = final.usage.prompt_tokens
+                out.server_usage = final.usage
+                pieces.append(final.text)
+        out.text = "".join(pieces)
+        out.total_s = time.perf_counter() - t0
+        return out
+
+    async def tokenize(self, text: str = "", add_bos: bool = True) -> list[int]:
+        resp = await self.stub.Tokenize(inference_pb2.TokenizeRequest(text=text, add_bos=add_bos))
+        return list(resp.token_ids)
+
+    async def list_models(self) -> list[inference_pb2.ModelCard]:
+        return list((await self.stub.ListModels(inference_pb2.ListModelsRequest())).models)

@@ -1,0 +1,135 @@
+"""gRPC shell of the router: the public `epserve.v1.Inference` API.
+
+Generate: validate (INVALID_ARGUMENT) -> admit (RESOURCE_EXHAUSTED beyond the bound) -> the
+request flow (services/router/flow.py) -> one usage record per admitted request, whatever
+its end (finished, failed or cancelled by the client).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import structlog
+
+from services.common.logging import bind_request
+from services.model.config import ModelConfig
+from services.model.tokenizer import Tokenizer
+from services.protos_gen.epserve.v1 import control_pb2, inference_pb2, inference_pb2_grpc
+from services.router import metrics
+from services.router.admission import Admission, AtCapacity, Draining, DuplicateRequest
+from services.router.flow import Outcome, RequestFailed, RequestFlow
+from services.router.usage import UsagePublisher
+from services.router.validation import (
+    ChatTurn,
+    InvalidRequest,
+    ModelLimits,
+    RawRequest,
+    ValidRequest,
+    validate,
+)
+
+log = structlog.get_logger("router")
+
+
+def raw_request(request: inference_pb2.GenerateRequest, request_id: str) -> RawRequest:
+    s = request.sampling
+    return RawRequest(
+        request_id=request_id, model=request.model, prompt=request.prompt,
+        prompt_ids=tuple(request.prompt_ids),
+        messages=tuple(ChatTurn(m.role, m.content) for m in request.messages),
+        max_tokens=s.max_tokens, temperature=s.temperature,
+        top_p=s.top_p if s.HasField("top_p") else None, top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos)
+
+
+class RouterServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, limits: ModelLimits, model_cfg: ModelConfig, tokenizer: Tokenizer,
+                 admission: Admission, flow: RequestFlow, usage: UsagePublisher) -> None:
+        self.limits, self.model_cfg, self.tokenizer = limits, model_cfg, tokenizer
+        self.admission, self.flow, self.usage = admission, flow, usage
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC naming)
+        rid = request.request_id or f"req-{uuid.uuid4().hex[:20]}"
+        with bind_request(rid):
+            try:
+                valid = validate(raw_request(request, rid), self.limits, self.tokenizer)
+            except InvalidRequest as exc:
+                metrics.REQUESTS.labels(outcome="invalid").inc()
+                log.info("request_invalid", reason=str(exc))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")
+            try:
+                self.admission.admit(rid)
+            except (AtCapacity, Draining, DuplicateRequest) as exc:
+                code = {AtCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        Draining: grpc.StatusCode.UNAVAILABLE,
+                        DuplicateRequest: grpc.StatusCode.ALREADY_EXISTS}[type(exc)]
+                metrics.REQUESTS.labels(outcome=code.name.lower()).inc()
+                await context.abort(code, f"{rid}: {exc}")
+            metrics.IN_FLIGHT.set(self.admission.in_flight)
+            metrics.PROMPT_TOKENS.inc(len(valid.prompt_ids))
+            outcome = Outcome()
+            error: RequestFailed | None = None
+            t0 = time.monotonic()
+            log.info("request_admitted", prompt_tokens=len(valid.prompt_ids),
+                     max_tokens=valid.sampling.max_tokens)
+            try:
+                async for response in self.flow.run(valid, outcome):
+                    yield response
+            except RequestFailed as exc:
+                error = exc
+            except Exception as exc:  # a bug: still a clear status with the request id
+                log.exception("request_crashed")
+                error = RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: internal error: {exc}")
+            finally:
+                # Runs on the client's cancellation too (the generator is closed).
+                self.admission.release(rid)
+                metrics.IN_FLIGHT.set(self.admission.in_flight)
+                metrics.E2E.observe(time.monotonic() - t0)
+                outcome_name = ("error" if error is not None else
+                                "ok" if outcome.finish_reason != "abort" else "cancelled")
+                metrics.REQUESTS.labels(outcome=outcome_name).inc()
+                self.usage.publish_later(self._record(valid, outcome))
+                log.info("request_done", outcome=outcome_name, finish=outcome.finish_reason,
+                         completion_tokens=outcome.completion_tokens,
+                         decode=outcome.decode_instance, prefill=outcome.prefill_instance)
+            if error is not None:
+                log.warning("request_failed", code=error.code.name, reason=error.message)
+                await context.abort(error.code, error.message)
+
+    def _record(self, req: ValidRequest, outcome: Outcome) -> control_pb2.UsageRecord:
+        return control_pb2.UsageRecord(
+            request_id=req.request_id, model=self.limits.name, started_at=outcome.started_at,
+            finished_at=time.time(), prompt_tokens=len(req.prompt_ids),
+            prompt_cache_hit_tokens=0, prompt_cache_miss_tokens=len(req.prompt_ids),
+            completion_tokens=outcome.completion_tokens, finish_reason=outcome.finish_reason,
+            prefill_instance=outcome.prefill_instance, decode_instance=outcome.decode_instance,
+            time_to_first_token_s=outcome.ttft_s)
+
+    async def Tokenize(self, request, context):  # noqa: N802
+        if request.model and request.model != self.limits.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown model {request.model!r}; this router serves "
+                                f"{self.limits.name!r}")
+        if bool(request.text) == bool(request.messages):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "give exactly one of text or messages")
+        if request.text:
+            ids = self.tokenizer.encode(request.text, add_bos=request.add_bos)
+        else:
+            try:
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in request.messages])
+            except Exception as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"chat template rejected the messages: {exc}")
+        return inference_pb2.TokenizeResponse(token_ids=ids)
+
+    async def ListModels(self, request, context):  # noqa: N802
+        mc = self.model_cfg
+        return inference_pb2.ListModelsResponse(models=[inference_pb2.ModelCard(
+            id=self.limits.name, architecture=mc.model_type,
+            context_length=self.limits.context_length, vocab_size=self.limits.vocab_size,
+            routed_experts=mc.n_routed_experts, active_experts=mc.num_experts_per_tok)])
