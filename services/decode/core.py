@@ -53,6 +53,7 @@ class DecodeCore:
         self.budget = KVBudget(cache.allocator.num_blocks, cache.allocator.block_size)
         self.max_batch, self.admission_wait_s = max_batch, admission_wait_s
         self.slots: dict[str, DecodeSlot] = {}
+        self._waiting: set[str] = set()  # ids admitted but still waiting for KV room
         self.draining = False
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
@@ -64,10 +65,11 @@ class DecodeCore:
     async def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> DecodeSlot:
         if self.draining:
             raise Rejected("UNAVAILABLE", "decode instance is draining")
-        if request_id in self.slots:
+        if request_id in self.slots or request_id in self._waiting:
             raise Rejected("ALREADY_EXISTS", f"request {request_id} is already here")
         blocks = self.budget.blocks_needed(len(prompt_ids), params.max_tokens,
                                            self.cfg.max_position_embeddings)
+        self._waiting.add(request_id)
         try:
             async with self._room:
                 ok = await asyncio.wait_for(self._room.wait_for(
@@ -78,6 +80,8 @@ class DecodeCore:
             raise Rejected("RESOURCE_EXHAUSTED",
                            f"KV cache full: {blocks} blocks not free within "
                            f"{self.admission_wait_s}s") from exc
+        finally:
+            self._waiting.discard(request_id)
         assert ok
         seq = Sequence(request_id, list(prompt_ids), params, self.cfg.eos_token_id,
                        self.cfg.max_position_embeddings)

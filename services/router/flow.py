@@ -171,6 +171,10 @@ class RequestFlow:
                 detail = f"{exc}; {self.view.describe(DECODE, self.clock())}"
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
                                     f"{rid}: {detail}{last_error}") from exc
+            # Recorded before the first await: concurrent requests must see each other's
+            # choice, or they all pick the same instance between two heartbeats.
+            self.chooser.decode_dispatched(inst.instance_id, rid, len(req.prompt_ids),
+                                           req.sampling.max_tokens)
             stub = serving_pb2_grpc.DecodeStub(self.channels.get(inst.endpoint))
             call = stub.Generate(serving_pb2.DecodeRequest(
                 request_id=rid, prompt_ids=req.prompt_ids, sampling=sampling),
@@ -178,6 +182,7 @@ class RequestFlow:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
+                self.chooser.decode_finished(rid)
                 if exc.code() not in DECODE_REFUSALS:
                     raise _failed(exc, rid, f"decode {inst.instance_id}") from exc
                 metrics.DECODE_REFUSALS.inc()
@@ -188,10 +193,9 @@ class RequestFlow:
                 continue
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "accepted":
                 call.cancel()
+                self.chooser.decode_finished(rid)
                 raise RequestFailed(grpc.StatusCode.INTERNAL,
                                     f"{rid}: decode {inst.instance_id} did not accept the request")
-            self.chooser.decode_dispatched(inst.instance_id, rid, len(req.prompt_ids),
-                                           req.sampling.max_tokens)
             return call, inst.instance_id, inst.endpoint
         raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"{rid}: every decode instance tried refused the request{last_error}")

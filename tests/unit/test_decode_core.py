@@ -152,6 +152,36 @@ async def test_cancel_while_waiting_frees_room_for_the_waiter(make_core):
     core.cancel("b")
 
 
+async def test_duplicate_of_a_request_still_waiting_is_already_exists(make_core):
+    core = make_core(admission_wait_s=5.0)
+    await core.admit("a", [10] * 20, greedy(12))  # all 8 blocks
+    first = asyncio.create_task(core.admit("b", [10], greedy(1)))
+    await settle()
+    with pytest.raises(Rejected) as exc_info:
+        await core.admit("b", [10], greedy(1))
+    assert exc_info.value.code == "ALREADY_EXISTS"
+    core.cancel("a")
+    slot = await asyncio.wait_for(first, 2.0)
+    assert slot.request_id == "b" and core.budget.reserved_blocks == 1
+    core.cancel("b")
+
+
+async def test_abandoned_wait_leaves_nothing_behind(make_core):
+    core = make_core(admission_wait_s=5.0)
+    await core.admit("a", [10] * 20, greedy(12))
+    waiter = asyncio.create_task(core.admit("b", [10], greedy(1)))
+    await settle()
+    waiter.cancel()  # the client went away while waiting for room
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    core.cancel("a")
+    await settle()
+    assert core.budget.reserved_blocks == 0 and core.slots == {}
+    slot = await asyncio.wait_for(core.admit("b", [10], greedy(1)), 2.0)  # id free again
+    assert slot.blocks == 1
+    core.cancel("b")
+
+
 # -- KV install --------------------------------------------------------------------------------
 
 async def test_install_kv_with_wrong_shape_is_invalid_argument(make_core):

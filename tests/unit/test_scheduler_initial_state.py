@@ -120,6 +120,6 @@ def test_topology_for_another_expert_count_does_not_fit(tiny):
 @pytest.mark.parametrize("layers", [[1], [1, 2, 3], [2, 1], []])
 def test_topology_for_other_layers_does_not_fit(tiny, layers):
     topo = pb.Topology(version=2, num_workers=4, num_logical_experts=16, layer_ids=layers)
-    with pytest.raises(ValueError, match=rf"v2 covers MoE layers \[.*\] but the model's are "
-                                         rf"\[1, 2\]"):
+    with pytest.raises(ValueError, match=r"v2 covers MoE layers \[.*\] but the model's are "
+                                         r"\[1, 2\]"):
         check_topology_fits(topo, tiny)

@@ -1,0 +1,51 @@
+"""Shared pieces of the cluster tests: start a LocalCluster, build a workload, run the
+reference engine on the same requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from services.client import InferenceClient, RemoteCompletion
+from services.cluster import ClusterSpec, LocalCluster
+from services.engine.reference import GenerationRequest, ReferenceEngine
+from services.engine.sampling import SamplingParams
+from services.model.loader import load_model
+
+
+def start(spec: ClusterSpec) -> LocalCluster:
+    cluster = LocalCluster(spec)
+    try:
+        return cluster.start(timeout=240)
+    except BaseException:
+        print(cluster.log_tails(40))
+        raise
+
+
+def workload(vocab: int, seed: int = 7) -> list[GenerationRequest]:
+    """Concurrent requests of different lengths and sampling params (greedy and seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = (3, 17, 9, 30, 1, 12)
+    params = (
+        SamplingParams(max_tokens=12, ignore_eos=True),
+        SamplingParams(max_tokens=20, ignore_eos=True),
+        SamplingParams(max_tokens=7, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True),
+        SamplingParams(max_tokens=16, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=1.2, top_k=20, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=14, ignore_eos=True),
+    )
+    return [GenerationRequest(f"w{seed}-{i}", torch.randint(5, vocab, (n,), generator=g).tolist(),
+                              p) for i, (n, p) in enumerate(zip(lens, params, strict=True))]
+
+
+def reference(model_dir, reqs: list[GenerationRequest]):
+    return ReferenceEngine(load_model(model_dir), record_logits=True).generate(reqs)
+
+
+async def run_remote(endpoint: str, reqs: list[GenerationRequest], suffix: str = ""
+                     ) -> list[RemoteCompletion]:
+    async with InferenceClient(endpoint) as client:
+        return list(await asyncio.gather(*(
+            client.generate(r.request_id + suffix, prompt_ids=r.prompt_ids, params=r.params)
+            for r in reqs)))

@@ -1,0 +1,291 @@
+"""The disaggregated cluster, every service a real process, over gRPC and NATS (tiny model,
+1 prefill, 1 decode, 2 expert workers with 2 redundant slots).
+
+Master invariant through the public API, seeded sampling, bad inputs, admission control,
+cancellation, usage records, Tokenize/ListModels, scheduler restart, SIGTERM drain.
+The destructive tests run last (pytest keeps file order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import grpc
+import nats
+import pytest
+
+from services.client import InferenceClient, sampling_proto
+from services.cluster import ClusterSpec
+from services.common import subjects
+from services.common.control import kv_get
+from services.common.health import check_health
+from services.common.metrics_http import scrape_metrics
+from services.common.ports import free_port
+from services.common.procs import ServiceProcess
+from services.engine.compare import assert_same_greedy
+from services.engine.sampling import SamplingParams
+from services.model.config import ModelConfig
+from services.model.tokenizer import Tokenizer
+from services.protos_gen.epserve.v1 import control_pb2, inference_pb2
+from tests.integration.cluster_helpers import reference, run_remote, start, workload
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    c = start(ClusterSpec(model=str(tiny_model_dir), prefill=1, decode=1, expert_workers=2,
+                          redundant_experts=2, max_inflight=16))
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def workload_and_reference(tiny_model_dir):
+    reqs = workload(ModelConfig.from_dir(tiny_model_dir).vocab_size)
+    return reqs, reference(tiny_model_dir, reqs)
+
+
+def check_invariant(reqs, expected, got) -> None:
+    greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
+    assert_same_greedy([expected[i].token_ids for i in greedy], [got[i].token_ids for i in greedy],
+                       expected_logits=[expected[i].logits for i in greedy])
+    for i, r in enumerate(reqs):
+        if not r.params.greedy:  # same seed, same logits up to rounding -> same draws
+            assert got[i].token_ids == expected[i].token_ids, r.request_id
+        assert got[i].finish_reason == expected[i].finish_reason
+        assert len(got[i].token_ids) == r.params.max_tokens
+
+
+def test_master_invariant_through_the_router(cluster, workload_and_reference, tiny_model_dir):
+    reqs, expected = workload_and_reference
+    got = asyncio.run(run_remote(cluster.router_endpoint, reqs))
+    check_invariant(reqs, expected, got)
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    for c in got:  # streamed text deltas + final text == decoding all the ids at once
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+        assert c.server_usage.completion_tokens == len(c.token_ids)
+        assert c.server_usage.time_to_first_token_s > 0
+
+
+def test_seeded_sampling_is_reproducible(cluster):
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=1234, ignore_eos=True)
+
+    async def go():
+        async with InferenceClient(cluster.router_endpoint) as client:
+            a = await client.generate("seed-a", prompt="hello there", params=params)
+            b = await client.generate("seed-b", prompt="hello there", params=params)
+            other = SamplingParams(max_tokens=10, temperature=1.0, seed=99, ignore_eos=True)
+            c = await client.generate("seed-c", prompt="hello there", params=other)
+        return a, b, c
+
+    a, b, c = asyncio.run(go())
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def _bad(**changes) -> inference_pb2.GenerateRequest:
+    req = inference_pb2.GenerateRequest(request_id="bad", prompt="hi",
+                                        sampling=inference_pb2.SamplingParams(max_tokens=4))
+    for key, value in changes.items():
+        if key in ("max_tokens", "temperature", "top_p"):
+            setattr(req.sampling, key, value)
+        elif key == "prompt_ids":
+            req.ClearField("prompt")
+            req.prompt_ids.extend(value)
+        else:
+            setattr(req, key, value)
+    return req
+
+
+BAD_INPUTS = [
+    (dict(prompt=""), "empty prompt"),
+    (dict(prompt_ids=[5] * 600), "more than the model's context"),
+    (dict(max_tokens=0), "max_tokens must be > 0"),
+    (dict(max_tokens=600), "exceeds the model's context"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(model="gpt-5"), "unknown model"),
+    (dict(prompt_ids=[1, 10**6]), "outside the vocabulary"),
+    (dict(request_id="has space"), "request_id must be"),
+]
+
+
+def test_bad_inputs_get_invalid_argument_and_the_router_stays_healthy(cluster):
+    async def go():
+        async with InferenceClient(cluster.router_endpoint) as client:
+            for changes, fragment in BAD_INPUTS:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in client.stream(_bad(**changes), timeout=30):
+                        pass
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, changes
+                assert fragment in err.value.details(), (changes, err.value.details())
+            ok = await client.generate("after-bad", prompt="hi",
+                                       params=SamplingParams(max_tokens=3))
+            return ok, await check_health(cluster.router_endpoint, 5)
+
+    ok, healthy = asyncio.run(go())
+    assert len(ok.token_ids) >= 1 and healthy
+
+
+def test_tokenize_and_list_models(cluster, tiny_model_dir):
+    async def go():
+        async with InferenceClient(cluster.router_endpoint) as client:
+            return await client.tokenize("hello world"), await client.list_models()
+
+    ids, models = asyncio.run(go())
+    assert ids == Tokenizer.from_dir(tiny_model_dir).encode("hello world")
+    cfg = ModelConfig.from_dir(tiny_model_dir)
+    assert models[0].context_length == cfg.max_position_embeddings
+    assert models[0].routed_experts == cfg.n_routed_experts
+
+
+def _decode_metrics(cluster) -> dict[str, float]:
+    return scrape_metrics(cluster.metrics_urls["decode-0"])
+
+
+def _wait_for(predicate, timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_cancellation_frees_the_decode_slot(cluster):
+    async def go():
+        async with InferenceClient(cluster.router_endpoint) as client:
+            req = inference_pb2.GenerateRequest(
+                request_id="to-cancel", prompt="a long one",
+                sampling=sampling_proto(SamplingParams(max_tokens=400, ignore_eos=True)))
+            call = client.stream(req, timeout=60)
+            seen = 0
+            async for resp in call:
+                seen += resp.WhichOneof("kind") == "delta"
+                if seen == 2:
+                    break
+            assert _decode_metrics(cluster)["epserve_decode_running_requests"] == 1
+            call.cancel()
+
+    asyncio.run(go())
+    _wait_for(lambda: _decode_metrics(cluster)["epserve_decode_running_requests"] == 0,
+              what="the decode slot to be freed")
+    m = _decode_metrics(cluster)
+    assert m["epserve_decode_kv_blocks_reserved"] == 0
+    assert m['epserve_decode_requests_total{outcome="cancelled"}'] >= 1
+
+
+def test_admission_control_refuses_beyond_the_bound(cluster, tiny_model_dir, tmp_path):
+    """A second router on the same cluster, bounded at 2 requests in flight."""
+    port = free_port()
+    router = ServiceProcess.epserve("router-bounded", [
+        "serve", "router", "--model", str(tiny_model_dir), "--nats-url", cluster.nats_url,
+        "--port", str(port), "--max-inflight", "2", "--instance-id", "router-bounded"], tmp_path)
+    router.start()
+    try:
+        router.wait_healthy(f"127.0.0.1:{port}", 60)
+
+        async def go():
+            async with InferenceClient(f"127.0.0.1:{port}") as client:
+                long = SamplingParams(max_tokens=300, ignore_eos=True)
+                calls = []
+                for i in range(2):
+                    call = client.stream(inference_pb2.GenerateRequest(
+                        request_id=f"hold-{i}", prompt="x", sampling=sampling_proto(long)))
+                    await call.read()  # admitted and streaming
+                    calls.append(call)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await client.generate("third", prompt="x", params=SamplingParams(max_tokens=2))
+                for call in calls:
+                    call.cancel()
+                await asyncio.sleep(0.5)
+                after = await client.generate("fourth", prompt="x",
+                                              params=SamplingParams(max_tokens=2))
+                return err.value, after
+
+        err, after = asyncio.run(go())
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at capacity" in err.details()
+        assert len(after.token_ids) == 2
+    finally:
+        assert router.stop() == 0
+
+
+def test_one_usage_record_per_request(cluster, workload_and_reference):
+    reqs, _ = workload_and_reference
+
+    async def go():
+        nc = await nats.connect(cluster.nats_url)
+        js = nc.jetstream()
+        sub = await js.subscribe(subjects.USAGE_SUBJECT, ordered_consumer=True)
+        records = {}
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=2)
+                rec = control_pb2.UsageRecord()
+                rec.ParseFromString(msg.data)
+                assert rec.request_id not in records, f"duplicate record {rec.request_id}"
+                records[rec.request_id] = rec
+        except (TimeoutError, nats.errors.TimeoutError):
+            pass
+        await nc.close()
+        return records
+
+    records = asyncio.run(go())
+    for r in reqs:
+        rec = records[r.request_id]
+        assert rec.completion_tokens == r.params.max_tokens
+        assert rec.prompt_tokens == len(r.prompt_ids)
+        assert rec.finish_reason == "length"
+        assert rec.prefill_instance == "prefill-0" and rec.decode_instance == "decode-0"
+    assert records["to-cancel"].finish_reason == "abort"
+
+
+def test_scheduler_restart_changes_no_output(cluster, workload_and_reference):
+    reqs, expected = workload_and_reference
+
+    async def topology():
+        nc = await nats.connect(cluster.nats_url)
+        kv = await nc.jetstream().key_value(subjects.TOPOLOGY_BUCKET)
+        topo = await kv_get(kv, subjects.TOPOLOGY_KEY, control_pb2.Topology)
+        await nc.close()
+        return topo
+
+    before = asyncio.run(topology())
+    scheduler = cluster.process("scheduler")
+
+    async def during_restart():
+        run = asyncio.create_task(run_remote(cluster.router_endpoint, reqs, "-restart"))
+        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(scheduler.stop) == 0
+        await asyncio.to_thread(scheduler.start)
+        await asyncio.to_thread(scheduler.wait_healthy, cluster.endpoints["scheduler"], 60)
+        return await run
+
+    got = asyncio.run(during_restart())
+    check_invariant(reqs, expected, got)
+    after = asyncio.run(topology())
+    assert after == before  # recovered from NATS, not re-planned
+    got_again = asyncio.run(run_remote(cluster.router_endpoint, reqs, "-after"))
+    check_invariant(reqs, expected, got_again)
+
+
+def test_sigterm_drains_the_decode_instance(cluster):
+    """In-flight requests finish; the instance exits 0. (Destructive: last in the module.)"""
+    decode = cluster.process("decode-0")
+
+    async def go():
+        async with InferenceClient(cluster.router_endpoint) as client:
+            run = asyncio.create_task(client.generate(
+                "drained", prompt="drain me", params=SamplingParams(max_tokens=40,
+                                                                   ignore_eos=True)))
+            while _decode_metrics(cluster).get("epserve_decode_running_requests", 0) < 1:
+                await asyncio.sleep(0.05)
+            decode.send_signal(signal.SIGTERM)
+            return await run
+
+    done = asyncio.run(go())
+    assert len(done.token_ids) == 40 and done.finish_reason == "length"
+    _wait_for(lambda: not decode.is_running(), 30, "decode to exit")
+    assert decode.returncode == 0
