@@ -1,52 +1,148 @@
 """`make run`: the main job on the built-in small model.
 
-Runs the reference engine on a few prompts and prints throughput and expert load.
-(The distributed cluster's demo replaces this once the services exist.)
+Starts a whole cluster (NATS, scheduler, expert workers, prefill, decode, router; every service
+its own process), sends a demo workload of concurrent requests through the public gRPC API,
+prints a summary, and stops everything it started. `--local` runs the single-process
+reference engine instead (no cluster).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import statistics
 import sys
+import time
 
-import torch
+import grpc
 
-from services.engine.reference import GenerationRequest, ReferenceEngine
+from services.client import InferenceClient, RemoteCompletion
+from services.cluster import ClusterSpec, LocalCluster
 from services.engine.sampling import SamplingParams
-from services.model.loader import load_model
-from services.model.tokenizer import Tokenizer
+from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 
 PROMPTS = (
     "The mixture of experts routes each token to",
     "Prefill and decode run on separate machines because",
     "In 2025 DeepSeek reported a cost-profit margin of",
     "def expert_parallel(tokens, experts):",
+    "Wide expert parallelism hides communication behind compute by",
+    "A prefix cache on disk saves",
+    "Two micro-batches overlap",
+    "The router picks the decode instance with the most free KV blocks",
 )
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def run_workload(endpoint: str, requests: int, concurrency: int, max_tokens: int
+                       ) -> tuple[list[RemoteCompletion], float]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(client: InferenceClient, i: int) -> RemoteCompletion:
+        # Mixed sampling: every third request samples with a seed, the rest are greedy.
+        params = (SamplingParams(max_tokens=max_tokens, temperature=0.7, top_p=0.95, seed=i,
+                                 ignore_eos=True) if i % 3 == 2
+                  else SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        async with gate:
+            return await client.generate(f"demo-{i}", prompt=PROMPTS[i % len(PROMPTS)],
+                                         params=params)
+
+    async with InferenceClient(endpoint) as client:
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(one(client, i) for i in range(requests)))
+        return list(done), time.perf_counter() - t0
+
+
+async def expert_loads(endpoints: dict[str, str]) -> dict[str, int]:
+    """Routed tokens each expert worker computed (sum over its slots and layers)."""
+    out = {}
+    for name, endpoint in sorted(endpoints.items()):
+        if not name.startswith("expert-worker"):
+            continue
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            load = await expert_pb2_grpc.ExpertWorkerStub(channel).Load(
+                expert_pb2.ExpertLoadRequest(), timeout=10)
+        out[name] = sum(sum(layer.tokens) for layer in load.layers)
+    return out
+
+
+def print_summary(done: list[RemoteCompletion], wall: float, loads: dict[str, int]) -> None:
+    prompt = sum(c.prompt_tokens for c in done)
+    output = sum(len(c.token_ids) for c in done)
+    ttft = [c.ttft_s * 1000 for c in done]
+    tpot = [c.tpot_s * 1000 for c in done if len(c.token_ids) > 1]
+    print(f"\nrequests      {len(done)} in {wall:.2f}s "
+          f"({sum(c.finish_reason in ('length', 'stop') for c in done)} finished)")
+    print(f"tokens        {prompt} input, {output} output")
+    print(f"throughput    {output / wall:,.1f} output tok/s, {(prompt + output) / wall:,.1f} "
+          f"total tok/s")
+    print(f"TTFT  ms      p50 {percentile(ttft, 50):8.1f}   p99 {percentile(ttft, 99):8.1f}")
+    print(f"TPOT  ms      p50 {percentile(tpot, 50):8.1f}   p99 {percentile(tpot, 99):8.1f}")
+    total = sum(loads.values()) or 1
+    print("expert load   routed tokens computed per expert worker:")
+    for name, tokens in loads.items():
+        print(f"  {name:18s} {tokens:8d}  ({100 * tokens / total:5.1f}%)")
+    if loads:
+        mean = statistics.mean(loads.values())
+        print(f"  balancedness (mean/max) {mean / max(loads.values()):.3f}")
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    spec = ClusterSpec(model=args.model, prefill=1, decode=1, expert_workers=args.expert_workers,
+                       redundant_experts=args.redundant_experts)
+    print(f"starting the cluster: NATS, scheduler, {spec.expert_workers} expert workers, "
+          f"1 prefill, 1 decode, router (each its own process) ...", flush=True)
+    t0 = time.perf_counter()
+    with LocalCluster(spec) as cluster:
+        print(f"cluster up in {time.perf_counter() - t0:.1f}s; router at "
+              f"{cluster.router_endpoint}", flush=True)
+        done, wall = asyncio.run(run_workload(cluster.router_endpoint, args.requests,
+                                              args.concurrency, args.max_tokens))
+        for c in done[: min(4, len(done))]:
+            print(f"> {c.request_id}: {c.text[:70]!r}")
+        print_summary(done, wall, asyncio.run(expert_loads(cluster.endpoints)))
+        print("\nstopping the cluster ...", flush=True)
+    print("stopped cleanly")
+    return 0
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from services.engine.reference import GenerationRequest, ReferenceEngine
+    from services.model.loader import load_model
+    from services.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(args.model)
+    model = load_model(args.model)
+    engine = ReferenceEngine(model)
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    requests = [GenerationRequest(f"demo-{i}", tok.encode(p), params)
+                for i, p in enumerate(PROMPTS[:4])]
+    for prompt, c in zip(PROMPTS, engine.generate(requests), strict=False):
+        print(f"> {prompt}\n  {tok.decode(c.token_ids, skip_special_tokens=True)!r}")
+    s = engine.stats
+    print(f"\nprefill: {s.prefill_tokens} tokens, {s.prefill_tok_s:,.0f} tok/s")
+    print(f"decode:  {s.decode_tokens} tokens in {s.decode_steps} steps, "
+          f"{s.decode_tok_s:,.1f} tok/s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--expert-workers", type=int, default=4)
+    ap.add_argument("--redundant-experts", type=int, default=4)
+    ap.add_argument("--local", action="store_true", help="reference engine only, no cluster")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    tok = Tokenizer.from_dir(args.model)
-    model = load_model(args.model)
-    engine = ReferenceEngine(model)
-    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    requests = [GenerationRequest(f"demo-{i}", tok.encode(p), params) for i, p in enumerate(PROMPTS)]
-    completions = engine.generate(requests)
-    for prompt, c in zip(PROMPTS, completions, strict=True):
-        print(f"> {prompt}\n  {tok.decode(c.token_ids, skip_special_tokens=True)!r}")
-    s = engine.stats
-    print(f"\nprefill: {s.prefill_tokens} tokens, {s.prefill_tok_s:,.0f} tok/s")
-    print(f"decode:  {s.decode_tokens} tokens in {s.decode_steps} steps, {s.decode_tok_s:,.1f} tok/s")
-    print("\nrouted-expert tokens per MoE layer (min / mean / max over experts):")
-    for layer, bank in model.expert_banks().items():
-        c = bank.token_counts.float()
-        print(f"  layer {layer}: {int(c.min())} / {c.mean():.1f} / {int(c.max())}"
-              f"  ({int((c == 0).sum())} idle of {c.numel()})")
-    return 0
+    return run_local(args) if args.local else run_cluster(args)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class DecodeCore:
         self.budget = KVBudget(cache.allocator.num_blocks, cache.allocator.block_size)
         self.max_batch, self.admission_wait_s = max_batch, admission_wait_s
         self.slots: dict[str, DecodeSlot] = {}
-        self._waiting: set[str] = set()  # ids admitted but still waiting for KV room
+        self._waiting: set[str] = set()  # ids whose admit() still waits for KV room
         self.draining = False
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()

@@ -20,6 +20,10 @@ from services.model.layers import SwiGLU
 # (x [T, H], expert ids [T, K], weights [T, K] fp32) -> routed output [T, H] fp32
 RoutedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# F.grouped_mm's CPU kernel (a C++ loop of one matmul per group) exists from torch 2.9; up to
+# 2.10 it also needs 16-byte-aligned operands, which memory-mapped checkpoints don't guarantee.
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm") and torch.torch_version.TorchVersion(torch.__version__) >= (2, 11)
+
 
 class Gate(nn.Module):
     """Scores every expert, limits the choice to topk_group groups, returns top-k ids and weights."""
@@ -77,8 +81,9 @@ class ExpertBank(nn.Module):
             local[torch.tensor(self.keys, device="cpu")] = torch.arange(n, device="cpu")
         self.register_buffer("local_index", local, persistent=False)
         self.register_buffer("token_counts", torch.zeros(n, dtype=torch.long, device="cpu"), persistent=False)
-        # "auto": gathered batched matmul for few tokens per expert on a GPU, else a loop over
-        # experts; "loop" / "gather" force one path (tests compare them).
+        # "auto": on a CPU, one grouped matmul over the experts when torch has it, else a loop
+        # over experts; on a GPU, a gathered batched matmul for few tokens per expert (decode),
+        # else the loop. "loop" / "gather" / "grouped" force one path (tests compare them).
         self.mode = "auto"
 
     def __len__(self) -> int:
@@ -105,27 +110,46 @@ class ExpertBank(nn.Module):
         entry_weights = weights.reshape(-1)[held].float()
         counts = torch.bincount(local_held, minlength=len(self))
         self.token_counts += counts
-        hit = int((counts > 0).sum())
-        # On a GPU, few tokens per expert (decode) is cheaper as one batched matmul than as a
-        # kernel launch per expert; on a CPU the gather's weight copy costs what it saves.
-        few = held.numel() < 4 * hit and x.is_cuda
-        if self.mode == "gather" or (self.mode == "auto" and few):
+        mode = self.mode
+        if mode == "auto":
+            if x.is_cuda:
+                # Few tokens per expert (decode) is cheaper as one batched matmul than as a
+                # kernel launch per expert; on a CPU the gather's weight copy costs what it saves.
+                few = held.numel() < 4 * int((counts > 0).sum())
+                mode = "gather" if few else "loop"
+            else:
+                mode = "grouped" if _HAS_GROUPED_MM else "loop"
+        if mode == "gather":
             y = self._gathered(x, token_of_entry, local_held)
             out.index_add_(0, token_of_entry, y.float() * entry_weights[:, None])
             return out
+        # Entries sorted by expert (stable, so each expert's rows stay in token order).
         order = torch.argsort(local_held, stable=True)
-        rows_sorted, w_sorted = token_of_entry[order], entry_weights[order]
+        rows, w = token_of_entry[order], entry_weights[order]
+        if mode == "grouped":
+            y = self._grouped(x[rows], counts)
+            # In expert order, as the loop adds them: the sums round the same way.
+            out.index_add_(0, rows, y.float() * w[:, None])
+            return out
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
-            rows, w = rows_sorted[start : start + n], w_sorted[start : start + n]
+            r, w_e = rows[start : start + n], w[start : start + n]
             start += n
-            gate, up = F.linear(x[rows], self.gate_up[e]).chunk(2, dim=-1)
+            gate, up = F.linear(x[r], self.gate_up[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down[e])
             # rows are distinct within one expert; index_put_ is the cheapest scatter-add on CPU
-            out.index_put_((rows,), y.float() * w[:, None], accumulate=True)
+            out.index_put_((r,), y.float() * w_e[:, None], accumulate=True)
         return out
+
+    def _grouped(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """h [N, H]: entries sorted by expert, counts[e] of them for expert e. One grouped
+        matmul per projection: the per-expert loop runs in C++, not Python, and each group is
+        the same matmul the loop would do. Returns [N, H] in h's dtype."""
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(h, self.gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs)
 
     def _gathered(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Few tokens per expert (decode): one batched matmul over (token, expert) entries
