@@ -14,7 +14,7 @@ import torch
 
 from services.common import subjects
 from services.common.control import kv_get, table_from, wait_for_topology
-from services.engine.ep_client import ExpertClient
+from services.engine.ep_client import EPError, ExpertClient
 from services.engine.ep_engine import EPEngine
 from services.model.batch import AttentionBatch
 from services.model.deepseek import DeepseekModel
@@ -66,7 +66,8 @@ class EPInstance:
     async def refresh_now(self) -> None:
         """Read the topology immediately (after a worker said our placement is stale)."""
         topo = await kv_get(self.kv, subjects.TOPOLOGY_KEY, control_pb2.Topology)
-        if topo is not None and topo != self._topology and all(topo.worker_endpoints):
+        if topo is not None and topo != self._topology and topo.worker_endpoints \
+                and all(topo.worker_endpoints):
             self._pending = topo
 
     async def _adopt_pending(self) -> None:
@@ -85,7 +86,21 @@ class EPInstance:
         """One step; a pending topology is adopted first (a step boundary)."""
         if self._pending is not None:
             await self._adopt_pending()
-        return await self.engine.forward(input_ids, batch, caches)
+        try:
+            return await self.engine.forward(input_ids, batch, caches)
+        except EPError as exc:
+            # A worker no longer serves our placement version (we were idle through a
+            # rebalance and it released the old slots): adopt the new topology, redo the step.
+            # Redoing is safe: a step rewrites the same KV positions with the same values.
+            if exc.code != "FAILED_PRECONDITION":
+                raise
+            topo = await wait_for_topology(self.kv, self.timeout_s)  # a roll-out may be on
+            if topo == self._topology:
+                raise
+            self._pending = topo
+            await self._adopt_pending()
+            log.info("ep_step_redone_on_new_placement", version=self.placement_version)
+            return await self.engine.forward(input_ids, batch, caches)
 
     async def close(self) -> None:
         if self._watcher is not None:

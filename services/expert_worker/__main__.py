@@ -23,6 +23,7 @@ from services.common.shutdown import StopEvent, drain, install_signal_handlers
 from services.expert_worker.config import ExpertWorkerConfig
 from services.expert_worker.core import ExpertWorkerCore
 from services.expert_worker.metrics import WorkerMetrics, register_load_collector
+from services.expert_worker.rollout import LoadReporter, PlacementFollower
 from services.expert_worker.server import ExpertWorkerServicer
 from services.model.config import ModelConfig
 from services.model.loader import LoadReport, load_expert_banks, parse_dtype
@@ -49,6 +50,21 @@ async def placement_for(cfg: ExpertWorkerConfig, model_cfg: ModelConfig, nc) -> 
         return table_from(await wait_for_topology(kv, timeout=300.0, need_endpoints=False))
     return contiguous_placement(model_cfg.n_routed_experts, cfg.num_workers,
                                 model_cfg.moe_layer_ids, redundant=cfg.redundant_experts)
+
+
+def worker_info(cfg: ExpertWorkerConfig, table: PlacementTable,
+                previous: expert_pb2.WorkerInfo) -> expert_pb2.WorkerInfo:
+    """WorkerInfo for a newly adopted placement (what Info reports: the newest version)."""
+    info = expert_pb2.WorkerInfo()
+    info.CopyFrom(previous)
+    info.placement_version = table.version
+    info.num_workers = table.num_workers
+    info.resident_bytes = resident_bytes()
+    del info.slots[:]
+    for i, layer in enumerate(table.layer_ids):
+        for slot in table.slots_of_worker(cfg.rank):
+            info.slots.add(layer_id=layer, slot=slot, logical_expert=table.phy2log[i][slot])
+    return info
 
 
 def _pin(cfg: ExpertWorkerConfig) -> None:
@@ -91,12 +107,26 @@ async def serve(cfg: ExpertWorkerConfig) -> int:
         Path(cfg.port_file).write_text(str(port))
     metrics_port = start_metrics_http(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
     heartbeat = None
+    tasks: list[asyncio.Task] = []
     if nc is not None:
         heartbeat = HeartbeatPublisher(
             nc, "expert-worker", f"expert-worker-{cfg.rank}", f"{cfg.advertise_host or cfg.host}:{port}",
             cfg.heartbeat_interval_s, rank=cfg.rank, placement_version=lambda: core.placement_version)
         heartbeat.state = control_pb2.STATE_SERVING
         heartbeat.start()
+        if cfg.load_report_interval_s > 0:
+            tasks.append(asyncio.create_task(
+                LoadReporter(nc, core, cfg.load_report_interval_s).run()))
+        if not cfg.placement:  # placements come from the scheduler: follow its rebalances
+
+            async def adopted(new_table: PlacementTable) -> None:
+                servicer.info = worker_info(cfg, new_table, info)
+                await heartbeat.publish_now()
+
+            topology_kv = await kv_bucket(nc.jetstream(), subjects.TOPOLOGY_BUCKET)
+            tasks.append(asyncio.create_task(PlacementFollower(
+                core, topology_kv, cfg.model, parse_dtype(cfg.dtype), cfg.device,
+                cfg.topology_poll_s, cfg.release_after_s, adopted).run()))
     await health.set_serving()
     log.info("expert_worker_ready", port=port, metrics_port=metrics_port, device=cfg.device,
              placement_version=table.version, slots=list(slots),
@@ -104,6 +134,9 @@ async def serve(cfg: ExpertWorkerConfig) -> int:
     stop = StopEvent()
 
     async def on_stop() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if heartbeat is not None:
             await heartbeat.set_state(control_pb2.STATE_DRAINING)
         await drain(health=health, grace_s=cfg.drain_grace_s, finish_in_flight=servicer.wait_idle,

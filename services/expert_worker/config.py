@@ -16,6 +16,12 @@ class ExpertWorkerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen host"})
     advertise_host: str = field(default="", metadata={"help": "host others dial (default host)"})
     heartbeat_interval_s: float = field(default=0.5, metadata={"help": "heartbeat period"})
+    load_report_interval_s: float = field(default=1.0, metadata={
+        "help": "publish per-expert load on NATS this often (0 = never)"})
+    release_after_s: float = field(default=5.0, metadata={
+        "help": "after a rebalance, free an old placement's slots once unused this long"})
+    topology_poll_s: float = field(default=0.25, metadata={
+        "help": "how often to look for a new placement version in NATS"})
     port: int = field(default=0, metadata={"help": "gRPC listen port (0 = pick a free one)"})
     port_file: str = field(default="", metadata={"help": "write the bound port here"})
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus port (-1 off, 0 any)"})
@@ -35,6 +41,10 @@ class ExpertWorkerConfig:
             raise ValueError("give --placement FILE, --nats-url URL or --num-workers N")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda:N, got {self.device!r}")
+        if self.load_report_interval_s < 0 or self.release_after_s < 0:
+            raise ValueError("--load-report-interval-s and --release-after-s must be >= 0")
+        if self.topology_poll_s <= 0:
+            raise ValueError("--topology-poll-s must be > 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError("--dtype must be float32 or bfloat16")
 

@@ -37,25 +37,72 @@ class DispatchOutput:
     compute_seconds: float
 
 
+@dataclass
+class _Placement:
+    """The slots one placement version assigns to this rank, with their weights."""
+
+    table: PlacementTable
+    banks: dict[int, ExpertBank]
+    held: dict[int, set[int]]
+    last_used: float
+
+
 class ExpertWorkerCore:
+    """Serves one or more placement versions at once: during a rebalance the new version's
+    slots are loaded while the old one keeps serving, and attention instances switch at their
+    own step boundaries, so both are live for a moment. The newest version is the one this
+    worker advertises; older ones are released once unused (see release_unused)."""
+
     def __init__(self, cfg: ModelConfig, rank: int, table: PlacementTable,
                  banks: dict[int, ExpertBank], device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
-        self.cfg, self.rank, self.table = cfg, rank, table
-        self.banks, self.device, self.dtype = banks, torch.device(device), dtype
-        self.held = {layer: set(bank.keys) for layer, bank in banks.items()}
+        self.cfg, self.rank = cfg, rank
+        self.device, self.dtype = torch.device(device), dtype
+        self.placements: dict[int, _Placement] = {}
+        self._released: dict[int, list[int]] = {}  # load counted by versions since released
+        self.add_placement(table, banks)
+
+    def add_placement(self, table: PlacementTable, banks: dict[int, ExpertBank]) -> None:
+        self.placements[table.version] = _Placement(
+            table, banks, {layer: set(bank.keys) for layer, bank in banks.items()},
+            time.monotonic())
+
+    def release_unused(self, idle_s: float, now: float | None = None) -> list[int]:
+        """Drops every version older than the newest that has served nothing for `idle_s`."""
+        now = time.monotonic() if now is None else now
+        newest = self.placement_version
+        gone = [v for v, p in self.placements.items()
+                if v != newest and now - p.last_used >= idle_s]
+        for version in gone:
+            for layer, row in self._logical_counts([self.placements.pop(version)]).items():
+                kept = self._released.setdefault(layer, [0] * len(row))
+                self._released[layer] = [a + b for a, b in zip(kept, row, strict=True)]
+        return gone
 
     @property
     def placement_version(self) -> int:
-        return self.table.version
+        return max(self.placements)
+
+    @property
+    def versions(self) -> list[int]:
+        return sorted(self.placements)
+
+    @property
+    def table(self) -> PlacementTable:
+        return self.placements[self.placement_version].table
+
+    @property
+    def banks(self) -> dict[int, ExpertBank]:
+        return self.placements[self.placement_version].banks
 
     def check_header(self, placement_version: int, layer_id: int) -> None:
         """Checks that need no tensor: a stale placement fails before any decoding."""
-        if placement_version != self.table.version:
+        if placement_version not in self.placements:
             raise DispatchRejected(
                 "FAILED_PRECONDITION",
-                f"placement version {placement_version} is not this worker's {self.table.version}")
-        if layer_id not in self.banks:
+                f"placement version {placement_version} is not served by this worker "
+                f"(serves {self.versions})")
+        if layer_id not in self.placements[placement_version].banks:
             raise DispatchRejected(
                 "INVALID_ARGUMENT",
                 f"layer {layer_id} is not a MoE layer (MoE layers: {sorted(self.banks)})")
@@ -85,7 +132,7 @@ class ExpertWorkerCore:
             raise bad(f"slots and weights must be [{n}, {k}], got {list(slots.shape)} "
                       f"and {list(weights.shape)}")
         used = set(slots[slots >= 0].unique().tolist())
-        foreign = sorted(used - self.held[inp.layer_id])
+        foreign = sorted(used - self.placements[inp.placement_version].held[inp.layer_id])
         if foreign or (slots < -1).any():
             shown = foreign[0] if foreign else int(slots.min())
             raise bad(f"slot {shown} of layer {inp.layer_id} is not held by rank {self.rank}")
@@ -95,14 +142,19 @@ class ExpertWorkerCore:
         """Validate and compute (call from the compute thread)."""
         hidden, slots, weights = self.validate(inp)
         t0 = time.perf_counter()
-        bank = self.banks[inp.layer_id]
+        placement = self.placements.get(inp.placement_version)
+        if placement is None:  # released between the header check and now
+            raise DispatchRejected("FAILED_PRECONDITION",
+                                   f"placement version {inp.placement_version} was released")
+        placement.last_used = time.monotonic()
+        bank = placement.banks[inp.layer_id]
         out = bank(hidden.to(self.device), slots.to(self.device), weights.to(self.device))
         combined = encode(out, inp.combine_dtype)
         return DispatchOutput(combined, time.perf_counter() - t0)
 
-    def warm_up(self) -> None:
+    def warm_up(self, banks: dict[int, ExpertBank] | None = None) -> None:
         """One token through every held expert of every layer, then reset the counters."""
-        for bank in self.banks.values():
+        for bank in (self.banks if banks is None else banks).values():
             if not len(bank):
                 continue
             keys = torch.tensor(bank.keys, dtype=torch.long, device=self.device)
@@ -113,10 +165,29 @@ class ExpertWorkerCore:
             bank.token_counts.zero_()
 
     def load(self, reset: bool = False) -> dict[int, tuple[list[int], list[int]]]:
-        """layer -> (slots, tokens routed to each) since the last reset."""
+        """layer -> (slots, tokens routed to each) since the last reset, newest version."""
         out = {}
         for layer, bank in self.banks.items():
             out[layer] = (list(bank.keys), bank.token_counts.tolist())
             if reset:
                 bank.token_counts.zero_()
+        return out
+
+    def logical_load(self) -> dict[int, list[int]]:
+        """layer -> tokens per logical expert, summed over every version's slots since start
+        (cumulative: a reporter sends differences)."""
+        out = self._logical_counts(list(self.placements.values()))
+        for layer, row in self._released.items():
+            out[layer] = [a + b for a, b in zip(out.get(layer, [0] * len(row)), row, strict=True)]
+        return out
+
+    def _logical_counts(self, placements: list[_Placement]) -> dict[int, list[int]]:
+        n = self.cfg.n_routed_experts
+        out: dict[int, list[int]] = {}
+        for placement in placements:
+            for layer, bank in placement.banks.items():
+                row = out.setdefault(layer, [0] * n)
+                phy2log = placement.table.phy2log[placement.table.layer_index(layer)]
+                for slot, count in zip(bank.keys, bank.token_counts.tolist(), strict=True):
+                    row[phy2log[slot]] += count
         return out

@@ -54,6 +54,10 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
             except EPError as exc:
                 metrics.REQUESTS.labels(outcome="expert_error").inc()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{rid}: expert workers: {exc}")
+            except Exception as exc:  # a bug: still a status with the request id, not UNKNOWN
+                metrics.REQUESTS.labels(outcome="error").inc()
+                log.exception("prefill_crashed")
+                await context.abort(grpc.StatusCode.INTERNAL, f"{rid}: prefill failed: {exc}")
             metrics.PREFILL_SECONDS.observe(out.seconds)
             t0 = time.perf_counter()
             try:

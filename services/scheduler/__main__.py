@@ -16,8 +16,9 @@ from pathlib import Path
 import grpc
 import structlog
 
+from services.balance.eplb import placement_balancedness
 from services.common import subjects
-from services.common.control import connect, topology_from
+from services.common.control import connect, table_from, topology_from
 from services.common.health import add_health
 from services.common.heartbeat import HeartbeatPublisher
 from services.common.logging import configure_logging
@@ -34,6 +35,7 @@ from services.scheduler.initial_state import (
 )
 from services.scheduler.membership import HeartbeatRejected, Membership
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.rebalance import LoadWindow, RebalancePolicy, decide, replan
 from services.scheduler.store import RevisionConflict, SchedulerStore, Versioned
 
 log = structlog.get_logger("scheduler")
@@ -43,10 +45,65 @@ class Scheduler:
     """The control loop; all state changes happen on the event loop (no locks needed)."""
 
     def __init__(self, cfg: SchedulerConfig, store: SchedulerStore, membership: Membership,
-                 topology: Versioned, metrics: SchedulerMetrics) -> None:
+                 topology: Versioned, metrics: SchedulerMetrics, model_cfg: ModelConfig) -> None:
         self.cfg, self.store, self.membership = cfg, store, membership
         self.topology, self.metrics = topology, metrics
         self._written_at: dict[str, float] = {}
+        self.window = LoadWindow(cfg.load_window_s, tuple(model_cfg.moe_layer_ids),
+                                 model_cfg.n_routed_experts)
+        self.policy = RebalancePolicy(
+            threshold=cfg.rebalance_threshold, period_s=cfg.rebalance_period_s,
+            min_tokens=cfg.rebalance_min_tokens, cooldown_s=cfg.rebalance_cooldown_s,
+            num_nodes=cfg.eplb_nodes,
+            num_groups=cfg.eplb_groups or max(1, model_cfg.n_group), policy=cfg.eplb_policy)
+        self.last_plan_at = 0.0  # the first plan may come as soon as the window is full
+        self.rolling_out = 0  # version published without endpoints yet
+
+    async def on_expert_load(self, msg) -> None:
+        report = control_pb2.ExpertLoadReport()
+        try:
+            report.ParseFromString(msg.data)
+            self.window.add(report, time.time())
+        except Exception as exc:  # ReportRejected or undecodable: never stops the loop
+            log.warning("expert_load_rejected", subject=msg.subject, reason=str(exc))
+
+    async def rebalance_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.rebalance_check_s)
+            try:
+                await self.maybe_rebalance(time.time())
+            except Exception as exc:  # a failed plan keeps the current placement
+                log.error("rebalance_failed", error=str(exc))
+
+    async def maybe_rebalance(self, now: float) -> None:
+        topo = self.topology.message
+        if not (topo.worker_endpoints and all(topo.worker_endpoints)):
+            return  # a roll-out is in progress: judge the placement once it serves
+        if self.rolling_out == topo.version:
+            self.rolling_out = 0
+            self.window.clear()  # judge the new placement on the traffic it serves
+        table = table_from(topo)
+        loads = self.window.loads(now)
+        why = decide(table, loads, now, self.last_plan_at, self.policy)
+        if why is None:
+            return
+        new = await asyncio.to_thread(replan, table, loads, self.policy)
+        self.last_plan_at = now
+        if new is None:
+            log.info("rebalance_unchanged", reason=why)
+            return
+        try:
+            self.topology = await self.store.put_topology(topology_from(new, []),
+                                                          self.topology.revision)
+        except RevisionConflict:
+            self.topology = await self.store.get_topology()
+            return
+        self.rolling_out = new.version
+        self.metrics.set_topology(self.topology.message)
+        self.metrics.rebalances.inc()
+        log.info("rebalance_planned", reason=why, version=new.version,
+                 balancedness_before=round(placement_balancedness(table, loads), 4),
+                 balancedness_planned=round(placement_balancedness(new, loads), 4))
 
     async def on_heartbeat(self, msg) -> None:
         hb = control_pb2.Heartbeat()
@@ -158,12 +215,14 @@ async def serve(cfg: SchedulerConfig) -> int:
     topology, plan = await recover_or_seed(cfg, store, model_cfg)
     log.info("scheduler_recovered", members=len(membership), topology=topology.message.version,
              plan=plan.message.version)
-    sched = Scheduler(cfg, store, membership, topology, metrics)
+    sched = Scheduler(cfg, store, membership, topology, metrics, model_cfg)
     metrics.set_topology(topology.message)
     metrics.plan_version.set(plan.message.version)
     metrics.set_members(membership.counts())
     sub = await nc.subscribe(subjects.HEARTBEAT_ALL, cb=sched.on_heartbeat)
+    load_sub = await nc.subscribe(subjects.EXPERT_LOAD_ALL, cb=sched.on_expert_load)
     sweeper = asyncio.create_task(sched.sweep_forever())
+    rebalancer = asyncio.create_task(sched.rebalance_forever()) if sched.policy.enabled else None
 
     server = grpc.aio.server()
     health = await add_health(server)
@@ -183,9 +242,12 @@ async def serve(cfg: SchedulerConfig) -> int:
 
     async def on_stop() -> None:
         await heartbeat.set_state(control_pb2.STATE_DRAINING)
-        sweeper.cancel()
-        await asyncio.gather(sweeper, return_exceptions=True)
+        for task in (sweeper, rebalancer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await sub.unsubscribe()
+        await load_sub.unsubscribe()
         await heartbeat.stop()
         await drain(health=health, grace_s=cfg.drain_grace_s, server=server, server_grace_s=2.0,
                     nc=nc)

@@ -32,6 +32,24 @@ class SchedulerConfig:
     split_policy: str = field(default="balanced_attention", metadata={
         "help": "micro-batch split: " + " | ".join(SPLIT_POLICIES)})
     min_batch_tokens: int = field(default=16, metadata={"help": "below this, overlap is off"})
+    # live expert rebalancing (EPLB); off unless a threshold or a period is given
+    rebalance_threshold: float = field(default=0.0, metadata={
+        "help": "re-plan when the placement's balancedness (mean/max worker load) on the load "
+                "window drops below this, in (0, 1]; 0 = off"})
+    rebalance_period_s: float = field(default=0.0, metadata={
+        "help": "also re-plan this often (0 = off)"})
+    rebalance_cooldown_s: float = field(default=60.0, metadata={
+        "help": "no new plan sooner than this after the last one"})
+    rebalance_check_s: float = field(default=2.0, metadata={
+        "help": "how often the rebalancing rule is evaluated"})
+    load_window_s: float = field(default=30.0, metadata={
+        "help": "sliding window of expert-load reports the planner uses"})
+    rebalance_min_tokens: int = field(default=256, metadata={
+        "help": "routed tokens per MoE layer needed in the window before re-planning"})
+    eplb_nodes: int = field(default=1, metadata={"help": "nodes the expert workers span"})
+    eplb_groups: int = field(default=0, metadata={
+        "help": "expert groups for hierarchical placement (0 = the model's n_group)"})
+    eplb_policy: str = field(default="auto", metadata={"help": "auto | hierarchical | global"})
     # serving
     host: str = field(default="127.0.0.1", metadata={"help": "gRPC (health) listen host"})
     port: int = field(default=0, metadata={"help": "gRPC listen port (0 = pick a free one)"})
@@ -67,6 +85,19 @@ class SchedulerConfig:
             )
         if self.min_batch_tokens < 0:
             raise ValueError(f"--min-batch-tokens must be >= 0, got {self.min_batch_tokens}")
+        if not 0 <= self.rebalance_threshold <= 1:
+            raise ValueError(f"--rebalance-threshold must be in [0, 1], got "
+                             f"{self.rebalance_threshold}")
+        if self.rebalance_cooldown_s < 0:
+            raise ValueError("--rebalance-cooldown-s must be >= 0")
+        if self.rebalance_period_s < 0 or self.rebalance_check_s <= 0 or self.load_window_s <= 0:
+            raise ValueError("--rebalance-period-s must be >= 0, --rebalance-check-s and "
+                             "--load-window-s > 0")
+        if self.rebalance_min_tokens < 0 or self.eplb_nodes < 1 or self.eplb_groups < 0:
+            raise ValueError("--rebalance-min-tokens >= 0, --eplb-nodes >= 1, --eplb-groups >= 0")
+        if self.eplb_policy not in ("auto", "hierarchical", "global"):
+            raise ValueError(f"--eplb-policy must be auto|hierarchical|global, got "
+                             f"{self.eplb_policy!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.metrics_port < -1 or self.metrics_port > 65535:

@@ -34,6 +34,8 @@ class SchedulerMetrics:
         self.members_dead = Counter("epserve_scheduler_members_dead",
                                     "members marked DEAD after missed heartbeats",
                                     registry=registry)
+        self.rebalances = Counter("epserve_scheduler_rebalances", "placement re-plans published",
+                                  registry=registry)
         self.kv_write_errors = Counter("epserve_scheduler_kv_write_errors",
                                        "failed KV writes (retried)", registry=registry)
 

@@ -132,7 +132,7 @@ class UsageRecord(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., prompt_cache_hit_tokens: _Optional[int] = ..., prompt_cache_miss_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., time_to_first_token_s: _Optional[float] = ...) -> None: ...
 
 class ExpertLoadReport(_message.Message):
-    __slots__ = ("rank", "placement_version", "window_start", "window_end", "layer_ids", "slots", "tokens")
+    __slots__ = ("rank", "placement_version", "window_start", "window_end", "layer_ids", "slots", "tokens", "num_logical_experts", "logical_tokens")
     RANK_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,8 @@ class ExpertLoadReport(_message.Message):
     LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOGICAL_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     placement_version: int
     window_start: float
@@ -147,7 +149,9 @@ class ExpertLoadReport(_message.Message):
     layer_ids: _containers.RepeatedScalarFieldContainer[int]
     slots: _containers.RepeatedScalarFieldContainer[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, rank: _Optional[int] = ..., placement_version: _Optional[int] = ..., window_start: _Optional[float] = ..., window_end: _Optional[float] = ..., layer_ids: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_logical_experts: int
+    logical_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rank: _Optional[int] = ..., placement_version: _Optional[int] = ..., window_start: _Optional[float] = ..., window_end: _Optional[float] = ..., layer_ids: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., num_logical_experts: _Optional[int] = ..., logical_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OverlapPlan(_message.Message):
     __slots__ = ("version", "micro_batches", "split_policy", "min_batch_tokens")
