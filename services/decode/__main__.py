@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from services.decode import metrics
 from services.decode.config import DecodeConfig
 from services.decode.core import DecodeCore
 from services.decode.server import DecodeServicer, timed_forward
@@ -22,8 +23,12 @@ async def serve(cfg: DecodeConfig) -> int:
     core = DecodeCore(mc, lambda ids, b, c: timed_forward(svc.instance, ids, b, c), cache,
                       cfg.max_batch, cfg.admission_wait_s)
 
-    def load() -> control_pb2.InstanceLoad:
-        return control_pb2.InstanceLoad(**core.load())
+    def load() -> control_pb2.InstanceLoad:  # called every heartbeat: refresh the gauges too
+        figures = core.load()
+        metrics.WAITING.set(figures["queued_requests"])
+        metrics.RUNNING.set(figures["running_requests"])
+        metrics.KV_BLOCKS.set(figures["kv_blocks_in_use"])
+        return control_pb2.InstanceLoad(**figures)
 
     await svc.start(lambda server: serving_pb2_grpc.add_DecodeServicer_to_server(
         DecodeServicer(core, svc.instance_id, dtype), server), load)

@@ -176,7 +176,8 @@ class DecodeCore:
     # ---- state for heartbeats, metrics and drain ---------------------------------------------
     def load(self) -> dict[str, int]:
         return {"running_requests": len(self.slots), "kv_blocks_in_use": self.budget.reserved_blocks,
-                "kv_blocks_total": self.budget.total_blocks}
+                "kv_blocks_total": self.budget.total_blocks,
+                "queued_requests": len(self._waiting)}
 
     async def finish_in_flight(self, poll_s: float = 0.05) -> None:
         self.draining = True

@@ -14,3 +14,4 @@ TPOT = Histogram("epserve_decode_tpot_seconds", "time per output token per reque
                  buckets=(1e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0))
 KV_TRANSFERS = Counter("epserve_decode_kv_transfers_total", "KV transfers by outcome", ["outcome"])
 KV_BYTES = Counter("epserve_decode_kv_bytes_total", "latent-KV bytes received")
+WAITING = Gauge("epserve_decode_waiting_requests", "requests waiting for KV room (queue depth)")

@@ -24,8 +24,11 @@ async def serve(cfg: PrefillConfig) -> int:
                        cfg.max_batch_tokens, cfg.max_queue, cfg.block_size)
     servicer = PrefillServicer(core, svc.instance_id, cfg.transfer_timeout_s, cfg.kv_chunk_bytes)
 
-    def load() -> control_pb2.InstanceLoad:
-        return control_pb2.InstanceLoad(**core.load())
+    def load() -> control_pb2.InstanceLoad:  # called every heartbeat: refresh the gauges too
+        figures = core.load()
+        metrics.QUEUE_DEPTH.set(figures["queued_requests"])
+        metrics.QUEUED_TOKENS.set(figures["queued_tokens"])
+        return control_pb2.InstanceLoad(**figures)
 
     await svc.start(lambda server: serving_pb2_grpc.add_PrefillServicer_to_server(servicer, server),
                     load)

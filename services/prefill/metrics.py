@@ -1,6 +1,6 @@
 """Prometheus metrics of a prefill instance."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("epserve_prefill_requests_total", "prefill requests by outcome", ["outcome"])
 PREFILL_SECONDS = Histogram("epserve_prefill_batch_seconds", "prompt batch compute time",
@@ -10,3 +10,5 @@ TRANSFER_SECONDS = Histogram("epserve_prefill_kv_transfer_seconds", "KV transfer
 KV_BYTES = Counter("epserve_prefill_kv_bytes_total", "latent-KV bytes sent")
 BATCH_TOKENS = Histogram("epserve_prefill_batch_tokens", "prompt tokens per batch",
                          buckets=(16, 64, 256, 1024, 4096, 16384))
+QUEUE_DEPTH = Gauge("epserve_prefill_queued_requests", "prompts waiting or running")
+QUEUED_TOKENS = Gauge("epserve_prefill_queued_tokens", "prompt tokens waiting or running")

@@ -289,3 +289,14 @@ def test_sigterm_drains_the_decode_instance(cluster):
     assert len(done.token_ids) == 40 and done.finish_reason == "length"
     _wait_for(lambda: not decode.is_running(), 30, "decode to exit")
     assert decode.returncode == 0
+
+    async def member_state():
+        nc = await nats.connect(cluster.nats_url)
+        kv = await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)
+        member = await kv_get(kv, "decode-0", control_pb2.Member)
+        await nc.close()
+        return member.state
+
+    # Silent for more than 3 heartbeat intervals: the scheduler marks it DEAD in the KV bucket.
+    _wait_for(lambda: asyncio.run(member_state()) == control_pb2.STATE_DEAD, 15,
+              "the scheduler to mark decode-0 dead")

@@ -85,7 +85,7 @@ async def test_admission_reserves_blocks_for_the_whole_life(make_core):
     assert slot.blocks == 2 and not slot.kv_ready and slot.request_id == "a"
     assert core.budget.holds("a") and core.budget.reserved_blocks == 2
     assert core.load() == {"running_requests": 1, "kv_blocks_in_use": 2,
-                           "kv_blocks_total": NUM_BLOCKS}
+                           "kv_blocks_total": NUM_BLOCKS, "queued_requests": 0}
     assert core.cache.allocator.used_blocks == 0, "no KV is stored before the hand-over"
     core.cancel("a")
 
