@@ -103,9 +103,10 @@ async def serve(cfg: RouterConfig) -> int:
     await server.start()
     metrics_port = start_metrics_http(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
     heartbeat = HeartbeatPublisher(
-        nc, "router", instance_id, f"{cfg.host}:{port}", cfg.heartbeat_interval_s,
+        nc, "router", instance_id, f"{cfg.advertise_host or cfg.host}:{port}",
+        cfg.heartbeat_interval_s,
         load=lambda: control_pb2.InstanceLoad(queued_requests=admission.in_flight),
-        metrics_endpoint=f"{cfg.host}:{metrics_port}" if metrics_port else "")
+        metrics_endpoint=f"{cfg.advertise_host or cfg.host}:{metrics_port}" if metrics_port else "")
     heartbeat.start()
     if not await wait_for_instances(view, cfg.instance_wait_s):
         log.warning("no_instances_yet", prefill=view.describe(PREFILL, time.monotonic()),

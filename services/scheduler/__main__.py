@@ -231,7 +231,8 @@ async def serve(cfg: SchedulerConfig) -> int:
     if cfg.port_file:
         Path(cfg.port_file).write_text(str(port))
     metrics_port = start_metrics_http(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
-    heartbeat = HeartbeatPublisher(nc, "scheduler", cfg.instance_id, f"{cfg.host}:{port}",
+    heartbeat = HeartbeatPublisher(nc, "scheduler", cfg.instance_id,
+                                   f"{cfg.advertise_host or cfg.host}:{port}",
                                    cfg.heartbeat_interval_s)
     heartbeat.state = control_pb2.STATE_SERVING
     heartbeat.start()

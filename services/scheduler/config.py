@@ -52,6 +52,8 @@ class SchedulerConfig:
     eplb_policy: str = field(default="auto", metadata={"help": "auto | hierarchical | global"})
     # serving
     host: str = field(default="127.0.0.1", metadata={"help": "gRPC (health) listen host"})
+    advertise_host: str = field(default="", metadata={
+        "help": "host others reach this service at (default: --host)"})
     port: int = field(default=0, metadata={"help": "gRPC listen port (0 = pick a free one)"})
     port_file: str = field(default="", metadata={"help": "write the bound port here"})
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus port (-1 off, 0 any)"})
