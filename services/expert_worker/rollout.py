@@ -38,7 +38,8 @@ class LoadReporter:
         now_counts = self.core.logical_load()
         n = self.core.cfg.n_routed_experts
         layers = sorted(now_counts)
-        diff = [c - p for layer in layers for c, p in
+        # A count below the last one was reset (the Load RPC with reset=True): count from 0.
+        diff = [c - p if c >= p else c for layer in layers for c, p in
                 zip(now_counts[layer], self._last.get(layer, [0] * n), strict=True)]
         self._last = now_counts
         start, self._since = self._since, time.time()

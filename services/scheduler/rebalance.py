@@ -101,9 +101,13 @@ def decide(current: PlacementTable, loads: np.ndarray, now: float, last_plan_at:
 
 def replan(current: PlacementTable, loads: np.ndarray, policy: RebalancePolicy
            ) -> PlacementTable | None:
-    """The next version for these loads, or None when it would place every slot as now."""
+    """The next version for these loads, or None when it would place every slot as now or
+    would not raise the balancedness by at least MIN_GAIN (a roll-out moves weights)."""
     config = EplbConfig(num_slots=current.num_slots, num_workers=current.num_workers,
                         num_nodes=policy.num_nodes, num_groups=policy.num_groups,
                         policy=policy.policy)
     new = plan(loads, config, previous=current)
-    return None if new.phy2log == current.phy2log else new
+    if new.phy2log == current.phy2log:
+        return None
+    gain = placement_balancedness(new, loads) - placement_balancedness(current, loads)
+    return new if gain >= MIN_GAIN else None
