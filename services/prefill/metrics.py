@@ -3,7 +3,8 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("epserve_prefill_requests_total", "prefill requests by outcome", ["outcome"])
-PREFILL_SECONDS = Histogram("epserve_prefill_batch_seconds", "prompt batch compute time",
+PREFILL_SECONDS = Histogram("epserve_prefill_batch_seconds",
+                            "per request: compute time of the prompt batch it ran in",
                             buckets=(5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
 TRANSFER_SECONDS = Histogram("epserve_prefill_kv_transfer_seconds", "KV transfer time",
                              buckets=(1e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0))
