@@ -10,8 +10,10 @@ import sys
 BENCHMARKS = (
     ("bench.bench_engine", True),
     ("bench.bench_ep", True),
+    ("bench.bench_overlap", True),
     ("bench.bench_eplb", False),
     ("bench.bench_request_lb", False),
+    ("bench.bench_cluster", True),
 )
 
 

@@ -5,10 +5,24 @@ scheduler -> expert workers -> prefill and decode instances -> router; each stag
 on until its gRPC health check says SERVING. Everything started is stopped by pid, in reverse.
 Each process runs one torch thread (OMP_NUM_THREADS=1): many processes sharing a CPU's cores
 with full thread pools spin-wait and slow each other down.
+
+Overlap plan and traces: `micro_batches` / `split_policy` / `min_batch_tokens` seed the
+scheduler's overlap plan (its flags); `trace_dir` gives every prefill and decode instance
+`--trace DIR/<name>.json`.
+
+Link shaping: with `link_latency_ms` (and/or `link_bandwidth_mbps`) every expert worker gets an
+`epserve link-proxy` process in front of it. Loopback has many addresses, so worker r listens
+on HOST:P and its proxy on the second loopback address (127.0.0.2 for 127.0.0.1) with the same
+port P, forwarding to HOST:P; the worker advertises that address (`--advertise-host`), so the
+scheduler publishes the proxy as the worker's endpoint and every attention instance's dispatch
+stream crosses the shaped link. (An expert-worker `--advertise-port` would lift the loopback
+requirement.) Each proxy's control port (drop / stall / latency ...) is in `link_controls`.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +47,65 @@ class ClusterSpec:
     threads_per_process: int = 1
     log_level: str = "info"
     extra: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> extra flags
+    # initial overlap plan (None: the scheduler's defaults)
+    micro_batches: int | None = None
+    split_policy: str | None = None
+    min_batch_tokens: int | None = None
+    trace_dir: str = ""  # Chrome traces of every prefill/decode instance
+    link_latency_ms: float | None = None  # a link proxy in front of each expert worker
+    link_bandwidth_mbps: float | None = None
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.expert_workers) < 1:
             raise ValueError("need at least one prefill, one decode and one expert worker")
+        if self.micro_batches is not None and self.micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches}")
+        if self.min_batch_tokens is not None and self.min_batch_tokens < 0:
+            raise ValueError(f"min_batch_tokens must be >= 0, got {self.min_batch_tokens}")
+        if self.link_latency_ms is not None and self.link_latency_ms < 0:
+            raise ValueError(f"link latency must be >= 0 ms, got {self.link_latency_ms}")
+        if self.link_bandwidth_mbps is not None and self.link_bandwidth_mbps <= 0:
+            raise ValueError(f"link bandwidth must be > 0 Mbit/s, got {self.link_bandwidth_mbps}")
+        if self.shaped_links:
+            proxy_host(self.host)  # raises unless the host is a loopback address
+
+    @property
+    def shaped_links(self) -> bool:
+        return self.link_latency_ms is not None or self.link_bandwidth_mbps is not None
+
+    def scheduler_plan_args(self) -> list[str]:
+        args = []
+        for flag, value in (("--micro-batches", self.micro_batches),
+                            ("--split-policy", self.split_policy),
+                            ("--min-batch-tokens", self.min_batch_tokens)):
+            if value is not None:
+                args += [flag, str(value)]
+        return args
+
+
+def proxy_host(host: str) -> str:
+    """The loopback address link proxies listen on: the next one after `host`."""
+    try:
+        addr = ipaddress.IPv4Address("127.0.0.1" if host == "localhost" else host)
+    except ValueError as exc:
+        raise ValueError(f"link proxies need a loopback IPv4 --host, got {host!r}") from exc
+    if not addr.is_loopback or str(addr).endswith(".255"):
+        raise ValueError(f"link proxies need a loopback IPv4 --host such as 127.0.0.1 (they "
+                         f"listen on the next loopback address), got {host!r}")
+    return str(addr + 1)
+
+
+def free_port_on_both(host: str, other: str, attempts: int = 50) -> int:
+    """A port free on `host` that is free on `other` too (a worker and its link proxy)."""
+    for _ in range(attempts):
+        port = free_port(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((other, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no port free on both {host} and {other}")
 
 
 class LocalCluster:
@@ -48,6 +117,7 @@ class LocalCluster:
         self.nats: NatsServer | None = None
         self.endpoints: dict[str, str] = {}
         self.metrics_urls: dict[str, str] = {}
+        self.link_controls: dict[int, tuple[str, int]] = {}  # worker rank -> proxy control port
 
     @property
     def router_endpoint(self) -> str:
@@ -60,9 +130,11 @@ class LocalCluster:
     def process(self, name: str) -> ServiceProcess:
         return self.group[name]
 
-    def _start(self, name: str, service: str, args: list[str]) -> tuple[ServiceProcess, str]:
+    def _start(self, name: str, service: str, args: list[str],
+               port: int | None = None) -> tuple[ServiceProcess, str]:
         s = self.spec
-        port = s.router_port if name == "router" and s.router_port else free_port(s.host)
+        if port is None:
+            port = s.router_port if name == "router" and s.router_port else free_port(s.host)
         metrics_port = free_port(s.host)
         target = f"{s.host}:{port}"
         env = {"OMP_NUM_THREADS": str(s.threads_per_process)} if s.threads_per_process else {}
@@ -85,19 +157,53 @@ class LocalCluster:
             self.nats = NatsServer(store_dir=Path(self._tmp.name) / "jetstream").start()
             self._stage([("scheduler", "scheduler", [
                 "--expert-workers", str(s.expert_workers),
-                "--redundant-experts", str(s.redundant_experts)])], timeout)
-            self._stage([(f"expert-worker-{r}", "expert-worker", ["--rank", str(r)])
-                         for r in range(s.expert_workers)], timeout)
-            self._stage([(f"prefill-{i}", "prefill", ["--instance-id", f"prefill-{i}", "--wire", s.wire])
+                "--redundant-experts", str(s.redundant_experts),
+                *s.scheduler_plan_args()])], timeout)
+            if s.shaped_links:
+                self._start_shaped_workers(timeout)
+            else:
+                self._stage([(f"expert-worker-{r}", "expert-worker", ["--rank", str(r)])
+                             for r in range(s.expert_workers)], timeout)
+            self._stage([(f"prefill-{i}", "prefill", ["--instance-id", f"prefill-{i}", "--wire", s.wire,
+                                                      *self._trace_args(f"prefill-{i}")])
                          for i in range(s.prefill)]
                         + [(f"decode-{i}", "decode", ["--instance-id", f"decode-{i}", "--wire", s.wire,
-                                                      "--kv-blocks", str(s.kv_blocks)])
+                                                      "--kv-blocks", str(s.kv_blocks),
+                                                      *self._trace_args(f"decode-{i}")])
                            for i in range(s.decode)], timeout)
             self._stage([("router", "router", ["--max-inflight", str(s.max_inflight)])], timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _trace_args(self, name: str) -> list[str]:
+        if not self.spec.trace_dir:
+            return []
+        Path(self.spec.trace_dir).mkdir(parents=True, exist_ok=True)
+        return ["--trace", str(Path(self.spec.trace_dir) / f"{name}.json")]
+
+    def _start_shaped_workers(self, timeout: float) -> None:
+        """Each expert worker behind its own link proxy (see the module docstring)."""
+        s = self.spec
+        via = proxy_host(s.host)
+        link = ["--latency-ms", str(s.link_latency_ms or 0.0)]
+        if s.link_bandwidth_mbps is not None:
+            link += ["--bandwidth-mbps", str(s.link_bandwidth_mbps)]
+        started = []
+        for r in range(s.expert_workers):
+            port, control = free_port_on_both(s.host, via), free_port("127.0.0.1")
+            proxy = self.group.start_epserve(f"link-proxy-{r}", [
+                "link-proxy", "--listen", f"{via}:{port}", "--upstream", f"{s.host}:{port}",
+                *link, "--control-port", str(control), "--log-level", s.log_level])
+            self.endpoints[f"link-proxy-{r}"] = f"{via}:{port}"
+            self.link_controls[r] = ("127.0.0.1", control)
+            worker, target = self._start(f"expert-worker-{r}", "expert-worker",
+                                         ["--rank", str(r), "--advertise-host", via], port=port)
+            started.append((worker, target, proxy, f"{via}:{port}"))
+        for worker, target, proxy, proxied in started:
+            worker.wait_healthy(target, timeout)
+            proxy.wait_healthy(proxied, timeout)  # the health check crosses the shaped link
 
     def stop(self) -> dict[str, int | None]:
         codes = self.group.stop_all()

@@ -10,6 +10,7 @@ from pathlib import Path
 from services.cluster import ClusterSpec, LocalCluster
 from services.common.errors import CliError
 from services.common.procs import ServiceStartError
+from services.engine.microbatch import SPLIT_POLICIES
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,22 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--start-timeout", type=float, default=300.0,
                    help="seconds to wait for every service to become healthy")
+    plan = p.add_argument_group("overlap plan (seeds the scheduler's plan while NATS has none)")
+    plan.add_argument("--micro-batches", type=int, choices=[1, 2], default=None,
+                      help="micro-batches per step: 2 overlaps dispatch with compute "
+                           "(default: the scheduler's, 1)")
+    plan.add_argument("--split-policy", choices=list(SPLIT_POLICIES), default=None,
+                      help="how a step is split in two (default: balanced_attention)")
+    plan.add_argument("--min-batch-tokens", type=int, default=None,
+                      help="steps with fewer tokens run as one micro-batch (default: 16)")
+    plan.add_argument("--trace-dir", default="",
+                      help="every prefill/decode instance writes a Chrome trace DIR/<name>.json")
+    link = p.add_argument_group("shaped links (one `epserve link-proxy` per expert worker)")
+    link.add_argument("--link-latency-ms", type=float, default=None,
+                      help="one-way latency added between attention instances and each expert "
+                           "worker")
+    link.add_argument("--link-bandwidth-mbps", type=float, default=None,
+                      help="per-direction bandwidth of each expert worker's link")
 
 
 def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
@@ -38,7 +55,12 @@ def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
                            expert_workers=args.expert_workers,
                            redundant_experts=args.redundant_experts, router_port=router_port,
                            host=args.host, wire=args.wire, kv_blocks=args.kv_blocks,
-                           max_inflight=args.max_inflight, log_level=args.log_level)
+                           max_inflight=args.max_inflight, log_level=args.log_level,
+                           micro_batches=args.micro_batches, split_policy=args.split_policy,
+                           min_batch_tokens=args.min_batch_tokens,
+                           trace_dir=str(Path(args.trace_dir).resolve()) if args.trace_dir else "",
+                           link_latency_ms=args.link_latency_ms,
+                           link_bandwidth_mbps=args.link_bandwidth_mbps)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
 
@@ -69,6 +91,15 @@ def _run(args: argparse.Namespace) -> int:
     try:
         print(f"router listening on {cluster.router_endpoint}", flush=True)
         print(f"  NATS {cluster.nats_url}; logs in {cluster.log_dir}", flush=True)
+        if spec.shaped_links:
+            print(f"  expert workers behind link proxies ({spec.link_latency_ms or 0} ms one-way"
+                  + (f", {spec.link_bandwidth_mbps} Mbit/s" if spec.link_bandwidth_mbps else "")
+                  + "); control ports: " + ", ".join(
+                      f"worker {r} {h}:{p}" for r, (h, p) in cluster.link_controls.items()),
+                  flush=True)
+        if spec.trace_dir:
+            print(f"  Chrome traces (written every few seconds and at exit) in {spec.trace_dir}",
+                  flush=True)
         print(f"  try: epserve generate --endpoint {cluster.router_endpoint} "
               f"--prompt 'Hello' --max-tokens 16", flush=True)
         while not stop.wait(0.5):

@@ -25,6 +25,8 @@ from services.common.logging import configure_logging
 from services.common.metrics_http import start_metrics_http
 from services.common.shutdown import StopEvent, drain, install_signal_handlers
 from services.engine.ep_instance import EPInstance
+from services.engine.plan_watch import PlanWatcher
+from services.engine.trace import ChromeTrace
 from services.engine.wire import WIRE_MODES
 from services.model.config import ModelConfig
 from services.model.deepseek import no_experts
@@ -54,6 +56,14 @@ class AttentionConfig:
     heartbeat_interval_s: float = field(default=0.5, metadata={"help": "heartbeat period"})
     drain_grace_s: float = field(default=0.0, metadata={"help": "NOT_SERVING before draining"})
     log_level: str = field(default="info", metadata={"help": "debug|info|warning|error"})
+    trace: str = field(default="", metadata={
+        "help": "write a Chrome trace JSON of the EP forward passes here (Perfetto / "
+                "chrome://tracing): compute and communication tracks, a span per micro-batch "
+                "per layer per op; rewritten every few seconds and at shutdown"})
+    trace_max_events: int = field(default=200_000, metadata={
+        "help": "stop recording trace spans after this many (the file says how many dropped)"})
+    plan_poll_s: float = field(default=0.2, metadata={
+        "help": "how often to read the scheduler's overlap plan from NATS KV"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -64,6 +74,10 @@ class AttentionConfig:
             raise ValueError(f"--wire must be one of {sorted(WIRE_MODES)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError("--dtype must be float32 or bfloat16")
+        if self.trace_max_events <= 0:
+            raise ValueError("--trace-max-events must be > 0")
+        if self.plan_poll_s <= 0:
+            raise ValueError("--plan-poll-s must be > 0")
 
 
 class AttentionService:
@@ -78,6 +92,8 @@ class AttentionService:
         self.server: grpc.aio.Server | None = None
         self.health = None
         self.heartbeat: HeartbeatPublisher | None = None
+        self.plan_watcher: PlanWatcher | None = None
+        self.tracer: ChromeTrace | None = None
         self.endpoint = ""
 
     async def start(self, add_servicers: Callable[[grpc.aio.Server], None],
@@ -87,6 +103,7 @@ class AttentionService:
         self.nc = await connect(cfg.nats_url, self.instance_id)
         js = self.nc.jetstream()
         topology_kv = await kv_bucket(js, subjects.TOPOLOGY_BUCKET)
+        plan_kv = await kv_bucket(js, subjects.PLAN_BUCKET)
         model = load_model(cfg.model, experts=no_experts(self.model_cfg), dtype=cfg.dtype,
                            device=cfg.device)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -104,6 +121,14 @@ class AttentionService:
             metrics_endpoint=f"{cfg.host}:{metrics_port}" if metrics_port else "")
         self.heartbeat.start()
         await self.instance.start(cfg.topology_wait_s)
+        engine = self.instance.engine
+        if cfg.trace:
+            self.tracer = ChromeTrace(cfg.trace, f"{self.role} {self.instance_id}",
+                                      cfg.trace_max_events)
+            engine.tracer = self.tracer
+        # The scheduler's overlap plan; the engine adopts each new one at its next step.
+        self.plan_watcher = await PlanWatcher(
+            plan_kv, lambda plan: setattr(engine, "plan", plan), cfg.plan_poll_s).start()
         if cfg.port_file:
             Path(cfg.port_file).write_text(str(port))
         await self.heartbeat.set_state(control_pb2.STATE_SERVING)
@@ -121,6 +146,11 @@ class AttentionService:
                         finish_in_flight=finish_in_flight, server=self.server, server_grace_s=5.0)
             await stop_core()
             await self.heartbeat.stop()
+            if self.plan_watcher is not None:
+                await self.plan_watcher.stop()
+            if self.tracer is not None:
+                log.info("trace_written", path=str(self.tracer.write()),
+                         events=len(self.tracer.events), dropped=self.tracer.dropped)
             await self.instance.close()
             await self.nc.drain()
             stop.set("signal")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import time
 
 import grpc
 import structlog
 import torch
+from prometheus_client import Counter, Histogram
 
 from services.balance.placement import PlacementTable
 from services.common.tensor_proto import dtype_to_proto, from_proto, to_proto
@@ -25,6 +27,20 @@ from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 log = structlog.get_logger("ep_client")
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20),
                    ("grpc.max_send_message_length", 256 << 20)]
+
+# Where a dispatch's time goes, seen from the attention side (bench/bench_cluster.py splits
+# an instance's step time with these). Process-wide: one attention instance per process.
+DISPATCH_SECONDS = Histogram(
+    "epserve_ep_dispatch_seconds", "one MoE layer's dispatch(), attention side, wall time",
+    buckets=(1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.5))
+SERIALIZE_SECONDS = Counter(
+    "epserve_ep_serialize_seconds",
+    "dispatch() time spent on tensor<->proto: encoding requests, decoding and adding replies")
+WORKER_COMPUTE_SECONDS = Counter(
+    "epserve_ep_worker_compute_seconds",
+    "per dispatch, the slowest worker's reported compute time (the critical path)")
+WIRE_BYTES = Counter("epserve_ep_bytes", "dispatch message bytes (protobuf ByteSize)",
+                     ["direction"])
 
 
 class EPError(RuntimeError):
@@ -55,7 +71,9 @@ class _WorkerStream:
     async def _read(self) -> None:
         try:
             async for reply in self.call:
-                self.bytes_received += reply.ByteSize()
+                size = reply.ByteSize()
+                self.bytes_received += size
+                WIRE_BYTES.labels(direction="received").inc(size)
                 if self.pending:
                     fut = self.pending.popleft()
                     if not fut.done():
@@ -83,7 +101,9 @@ class _WorkerStream:
         async with self.write_lock:
             self.pending.append(fut)
             await self.call.write(req)
-        self.bytes_sent += req.ByteSize()
+        size = req.ByteSize()
+        self.bytes_sent += size
+        WIRE_BYTES.labels(direction="sent").inc(size)
         return fut
 
     async def close(self) -> None:
@@ -158,7 +178,9 @@ class ExpertClient:
     async def dispatch(self, step_id: int, micro_batch: int, layer_id: int, x: torch.Tensor,
                        topk_ids: torch.Tensor, weights: torch.Tensor, tag: str = "") -> torch.Tensor:
         """x [T, H], topk_ids [T, K] logical, weights [T, K] -> routed output [T, H] fp32."""
+        t_start = time.perf_counter()
         shares = plan_dispatch(self.table, layer_id, topk_ids)
+        t_encode = time.perf_counter()
         sends = []
         for share in shares:
             req = expert_pb2.DispatchRequest(
@@ -169,12 +191,14 @@ class ExpertClient:
                 weights=to_proto(encode(weights[share.rows].float(), "fp32")),
                 combine_dtype=dtype_to_proto(self.combine_dtype), trace_tag=tag)
             sends.append(self.streams[share.worker].send(req))
+        serialize = time.perf_counter() - t_encode
         futures = await asyncio.gather(*sends)
         try:
             replies = await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
         except TimeoutError as exc:
             raise EPError(f"no reply from expert workers within {self.timeout_s}s "
                           f"(layer {layer_id}, step {step_id})", "DEADLINE_EXCEEDED") from exc
+        t_decode = time.perf_counter()
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
         for share, reply in zip(shares, replies, strict=True):
             if reply.HasField("error"):
@@ -182,6 +206,10 @@ class ExpertClient:
                               f"{reply.error.code} {reply.error.message}", reply.error.code,
                               share.worker)
             out[share.rows] += decode(from_proto(reply.combined), torch.float32)
+        done = time.perf_counter()
+        SERIALIZE_SECONDS.inc(serialize + done - t_decode)
+        WORKER_COMPUTE_SECONDS.inc(max((r.compute_seconds for r in replies), default=0.0))
+        DISPATCH_SECONDS.observe(done - t_start)
         return out.to(x.device)
 
 

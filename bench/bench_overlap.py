@@ -1,0 +1,255 @@
+"""Two-micro-batch overlap: how much expert communication it hides behind attention compute.
+
+v3-mini, 4 expert-worker processes, each behind an `epserve link-proxy` process (one-way
+latency set through its control port: 0, 1, 2, 5 ms). The attention side (this process, one
+torch thread like a cluster service) runs the same decode step and the same prefill batch
+with overlap off (one micro-batch) and on (two, balanced_attention), alternating, in the same
+run. Each forward rewrites the same KV slots with the same values, so repeats are identical.
+
+Per row: median step time off / on; T_compute = the attention side's compute-thread busy time
+with overlap off; T_comm = T_off - T_compute, the exposed communication + remote expert time;
+hidden = (T_off - T_on) / min(T_compute, T_comm), the fraction of what overlap could at best
+hide that it did hide (1.0 = perfect; < 0 = overlap made it slower).
+
+Caveat on a small CPU machine: the expert workers, the proxies and the attention process share
+the same few cores, so "remote expert time" is not remote: the workers' MLP competes with the
+attention compute it should overlap with. Overlap can only hide time the cores would otherwise
+spend idle (wire latency); it cannot hide compute behind compute. Real deployments put
+experts on other GPUs, where both parts run truly in parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from services.balance.naive import contiguous_placement
+from services.common.link_proxy import send_control_async
+from services.common.logging import configure_logging
+from services.common.ports import free_port
+from services.common.procs import ProcessGroup
+from services.engine.ep_client import ExpertClient
+from services.engine.ep_engine import EPEngine
+from services.engine.kv_cache import LatentKVCache, SeqChunk
+from services.engine.local_workers import LocalExpertWorkers
+from services.engine.microbatch import OverlapSettings
+from services.engine.trace import ChromeTrace
+from services.model.config import ModelConfig
+from services.model.deepseek import no_experts
+from services.model.loader import load_model
+
+OFF = OverlapSettings(micro_batches=1, version=1)
+ON = OverlapSettings(micro_batches=2, split_policy="balanced_attention", min_batch_tokens=0,
+                     version=2)
+
+
+class StubExperts:
+    """Stands in for the expert workers in the diagnostic rows: each dispatch waits the wire's
+    round trip (2 x one-way latency) and returns zeros. No expert compute runs anywhere, so the
+    communication is pure idle time: these rows measure what the overlap runtime itself can
+    hide, apart from the expert workers competing for this machine's cores."""
+
+    def __init__(self, latency_ms: float) -> None:
+        self.latency_ms = latency_ms
+        self._step = 0
+
+    def new_step(self) -> int:
+        self._step += 1
+        return self._step
+
+    async def dispatch(self, step_id, micro_batch, layer_id, x, topk_ids, weights, tag=""):
+        await asyncio.sleep(2 * self.latency_ms / 1000)
+        return torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+
+
+class Proxies:
+    """One `epserve link-proxy` process per worker endpoint, latency set over control ports."""
+
+    def __init__(self, upstreams: list[str], log_dir: Path) -> None:
+        self.upstreams = upstreams
+        self.group = ProcessGroup(log_dir)
+        self.endpoints: list[str] = []
+        self.controls: list[int] = []
+
+    def start(self, timeout: float = 60.0) -> list[str]:
+        procs = []
+        for r, upstream in enumerate(self.upstreams):
+            port, control = free_port(), free_port()
+            procs.append(self.group.start_epserve(f"link-proxy-{r}", [
+                "link-proxy", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
+                "--control-port", str(control), "--log-level", "warning"]))
+            self.endpoints.append(f"127.0.0.1:{port}")
+            self.controls.append(control)
+        for proc, target in zip(procs, self.endpoints, strict=True):
+            proc.wait_healthy(target, timeout)  # a health check through the proxy
+        return self.endpoints
+
+    async def set_latency(self, ms: float) -> None:
+        for control in self.controls:
+            await send_control_async("127.0.0.1", control, f"latency {ms}")
+
+    def stop(self) -> None:
+        self.group.stop_all()
+
+
+def _prompts(cfg, n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, cfg.vocab_size, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def _cache(cfg, dtype, seqs: int, tokens_per_seq: int, block: int = 64) -> LatentKVCache:
+    blocks = seqs * -(-tokens_per_seq // block)
+    return LatentKVCache(cfg.num_hidden_layers, cfg.latent_dim, blocks, block, dtype)
+
+
+async def _timed(engine: EPEngine, plan, ids, batch, caches, repeats: int):
+    engine.plan = plan
+    walls, computes = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        await engine.forward(ids, batch, caches)
+        walls.append(time.perf_counter() - t0)
+        computes.append(engine.last_forward.compute_s)
+    return walls, computes
+
+
+async def _compare(engine, ids, batch, caches, repeats: int, rounds: int):
+    """Off and on alternated in `rounds` rounds of `repeats` forwards; medians."""
+    await _timed(engine, OFF, ids, batch, caches, 2)  # warm-up both paths
+    await _timed(engine, ON, ids, batch, caches, 2)
+    w_off, c_off, w_on, c_on = [], [], [], []
+    for _ in range(rounds):
+        w, c = await _timed(engine, OFF, ids, batch, caches, repeats)
+        w_off += w
+        c_off += c
+        w, c = await _timed(engine, ON, ids, batch, caches, repeats)
+        w_on += w
+        c_on += c
+    med = statistics.median
+    return med(w_off), med(c_off), med(w_on), med(c_on)
+
+
+def _row(label: str, latency: float, t_off, c_off, t_on, c_on) -> dict:
+    t_comm = max(t_off - c_off, 0.0)
+    bound = min(c_off, t_comm)
+    hidden = (t_off - t_on) / bound if bound > 1e-3 else float("nan")
+    shown = f"{hidden:>9.2f}" if bound > 1e-3 else f"{'-':>9}"
+    print(f"{label:<9}{latency:>6.0f}{t_off * 1e3:>10.2f}{t_on * 1e3:>10.2f}"
+          f"{c_off * 1e3:>12.2f}{t_comm * 1e3:>10.2f}{c_on * 1e3:>13.2f}{shown}"
+          f"{t_off / t_on:>9.2f}x", flush=True)
+    return {"phase": label, "latency_ms": latency, "t_off": t_off, "t_on": t_on,
+            "t_compute": c_off, "t_comm": t_comm, "hidden": hidden}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(_main(argv))
+
+
+async def _main(argv: list[str] | None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="models/v3-mini")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--latencies", default="0,1,2,5", help="one-way link latency, ms")
+    ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--decode-context", type=int, default=256)
+    ap.add_argument("--prefill-prompts", type=int, default=4)
+    ap.add_argument("--prefill-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5, help="forwards per round")
+    ap.add_argument("--rounds", type=int, default=3, help="off/on alternations per row")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the attention side")
+    ap.add_argument("--trace-dir", default="", help="write one overlapped decode step trace "
+                                                     "per latency here")
+    args = ap.parse_args(argv)
+    configure_logging("bench-overlap", level="warning")
+    torch.set_num_threads(args.threads)
+    cfg = ModelConfig.from_dir(args.model)
+    model = load_model(args.model, experts=no_experts(cfg))
+    dtype = model.dtype
+    table = contiguous_placement(cfg.n_routed_experts, args.workers, cfg.moe_layer_ids)
+    latencies = [float(x) for x in args.latencies.split(",") if x]
+    with tempfile.TemporaryDirectory(prefix="bench-overlap-") as tmp:
+        workers = LocalExpertWorkers(args.model, table, log_dir=Path(tmp) / "workers")
+        proxies = Proxies([], Path(tmp) / "proxies")
+        try:
+            proxies.upstreams = workers.start()
+            endpoints = proxies.start()
+            client = await ExpertClient.connect(endpoints)
+            try:
+                await _run(args, cfg, model, dtype, client, proxies, latencies)
+            finally:
+                await client.close()
+        finally:
+            proxies.stop()
+            workers.stop()
+    return 0
+
+
+async def _run(args, cfg, model, dtype, client, proxies: Proxies, latencies) -> None:
+    engine = EPEngine(model, client)
+    # decode: B sequences with a context of C tokens each, one new token per sequence
+    B, C = args.decode_batch, args.decode_context
+    dec_cache = _cache(cfg, dtype, B, C + 1)
+    prompts = _prompts(cfg, B, C, seed=1)
+    fill = dec_cache.batch([SeqChunk(f"d{i}", 0, C) for i in range(B)])
+    engine.plan = OFF
+    await engine.forward(torch.tensor([t for p in prompts for t in p]), fill, dec_cache.layers)
+    dec_batch = dec_cache.batch([SeqChunk(f"d{i}", C, 1) for i in range(B)])
+    dec_ids = torch.tensor([p[-1] for p in prompts])
+    # prefill: P prompts of L tokens
+    P, L = args.prefill_prompts, args.prefill_len
+    pre_cache = _cache(cfg, dtype, P, L)
+    pre_batch = pre_cache.batch([SeqChunk(f"p{i}", 0, L) for i in range(P)])
+    pre_ids = torch.tensor([t for p in _prompts(cfg, P, L, seed=2) for t in p])
+    print(f"v3-mini, {args.workers} expert workers behind link proxies; attention side "
+          f"{args.threads} torch thread(s); decode step: {B} seqs x {C} context; prefill: "
+          f"{P} x {L} tokens; overlap on = 2 micro-batches, balanced_attention; "
+          f"medians of {args.rounds} x {args.repeats} forwards each")
+    header = (f"{'phase':<9}{'lat ms':>6}{'T_off ms':>10}{'T_on ms':>10}{'T_compute':>12}"
+              f"{'T_comm':>10}{'compute(on)':>13}{'hidden':>9}{'speedup':>10}")
+    print(header)
+    rows = []
+    for lat in latencies:
+        await proxies.set_latency(lat)
+        r = await _compare(engine, dec_ids, dec_batch, dec_cache.layers, args.repeats, args.rounds)
+        rows.append(_row("decode", lat, *r))
+        r = await _compare(engine, pre_ids, pre_batch, pre_cache.layers,
+                           max(args.repeats // 2, 2), args.rounds)
+        rows.append(_row("prefill", lat, *r))
+        if args.trace_dir:
+            engine.tracer = ChromeTrace(Path(args.trace_dir) / f"overlap-decode-{lat:g}ms.json",
+                                        f"bench decode {lat:g} ms")
+            engine.plan = ON
+            for _ in range(3):
+                await engine.forward(dec_ids, dec_batch, dec_cache.layers)
+            engine.tracer.write()
+            engine.tracer = None
+    workers = engine.client
+    print("\ndiagnostic, same shapes: the expert workers replaced by a stub that only waits the "
+          "round trip (no expert compute on this machine), i.e. what the runtime hides of an "
+          "idle wire")
+    print(header)
+    try:
+        for lat in latencies:
+            engine.client = StubExperts(lat)
+            _row("decode*", lat, *await _compare(engine, dec_ids, dec_batch, dec_cache.layers,
+                                                 args.repeats, args.rounds))
+            _row("prefill*", lat, *await _compare(engine, pre_ids, pre_batch, pre_cache.layers,
+                                                  max(args.repeats // 2, 2), args.rounds))
+    finally:
+        engine.client = workers
+    at2 = [r for r in rows if r["latency_ms"] == 2.0]
+    if at2:
+        print("hidden at 2 ms: " + ", ".join(f"{r['phase']} {r['hidden']:.2f}" for r in at2)
+              + " (target >= 0.7)")
+    print("T_compute / T_comm are measured with overlap off; compute(on) is the attention "
+          "side's busy time with overlap on (rises when the cores are shared with workers).")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

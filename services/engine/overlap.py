@@ -1,0 +1,317 @@
+"""One EP forward step, as one micro-batch or as two that overlap communication with compute.
+
+Every torch op runs on the process's single compute thread (`compute_executor`): one thread
+keeps the ops in submission order, torch releases the GIL inside its kernels, and the event
+loop stays free to move gRPC traffic (dispatches, replies, heartbeats) while compute runs.
+
+Each micro-batch is a coroutine walking the layers. Its ops, per layer:
+  ATTN-0   input norm, MLA projections, rope, latent-KV cache write
+  ATTN-1   core attention, output projection, residual (+ for a MoE layer: post-attention
+           norm and gate)
+  FFN      (dense layer) the MLP
+  DISPATCH (MoE layer) the routed experts on the expert workers: ExpertClient.dispatch, on
+           the event loop, asynchronous
+  SHARED   the shared expert
+  COMBINE  residual + routed + shared, once the replies are back.
+A "hop" is one hand-over to the compute thread. One hop runs everything up to the next
+dispatch (the last MoE layer's COMBINE, then ATTN-0/ATTN-1/FFN of dense layers and ATTN-0/
+ATTN-1 + gate of the next MoE layer); then the dispatch goes out, and SHARED is a hop of its
+own, computed while the micro-batch's own dispatch is in flight. Few hops matter on a loaded
+CPU, where every thread hand-over may wait for a core; the trace still shows every op.
+
+With two micro-batches the coroutines run concurrently, so while micro-batch 0's dispatch is on
+the wire and in the workers, the compute thread runs micro-batch 1's ATTN-0/ATTN-1/SHARED and
+vice versa, layer after layer, with no barrier between layers. The compute thread's FIFO sets
+the interleaving, which comes out as DeepSeek's: ATTN(0) | ATTN(1) + DISPATCH(0) in flight |
+SHARED(0) | SHARED(1) + DISPATCH(1) in flight | COMBINE(0) ATTN(0, next layer) | ... (the
+prefill alternation; in decode the same 5 stages ATTN-0, ATTN-1, DISPATCH, SHARED, COMBINE per
+micro-batch, the other micro-batch's stages filling each one's wait).
+
+Ordering rule for a prompt split across the micro-batches: micro-batch 1's attention at layer L
+reads latent KV that micro-batch 0's ATTN-0 wrote at layer L, so micro-batch 1 submits its k-th
+attention hop only after micro-batch 0's k-th attention hop has run (micro-batch 0 never waits
+for micro-batch 1, so this cannot deadlock). Without a split prompt nothing waits.
+
+With one micro-batch the ops run in the reference (non-overlapped) order: SHARED joins the
+attention hop before the dispatch, then the step waits for the replies: micro_batches=1.
+
+Numerics: every op is row-wise except attention, which is per sequence, so the two
+micro-batches compute the same function as the whole batch; the attention path (absorbed for a
+decode step, expanded otherwise) is chosen by the whole step, never by a micro-batch.
+
+Limits: the dispatch itself (routing, encoding, protobuf) runs on the event loop in Python, so
+it holds the GIL and cannot overlap Python-bound compute; on small models every op is
+per-call-overhead bound, so two micro-batches cost nearly twice the ops of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.microbatch import MicroBatch, micro_batches, plan_cut
+from services.engine.trace import COMPUTE, STEPS, ChromeTrace, comm_track
+from services.model.batch import AttentionBatch
+from services.model.moe import MoE
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def compute_executor() -> ThreadPoolExecutor:
+    """The process's one compute thread (shared by every engine in the process)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        return _executor
+
+
+def _timed(fn, args):
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = fn(*args)
+        return t0, time.perf_counter(), out
+
+
+@dataclass(frozen=True)
+class ForwardStats:
+    """One forward: wall time, compute-thread busy time, and how it was split."""
+
+    step_id: int
+    phase: str  # "prefill" | "decode"
+    tokens: int
+    micro_batches: int
+    cut: int | None
+    plan_version: int
+    wall_s: float
+    compute_s: float
+
+    @property
+    def waiting_s(self) -> float:
+        """Wall time the compute thread was not busy for this step (exposed communication,
+        remote experts and scheduling overhead)."""
+        return max(self.wall_s - self.compute_s, 0.0)
+
+
+# ---- the ops (run on the compute thread) ----------------------------------------------------
+
+def _attend(attn, q_nope, q_pe, batch: AttentionBatch, cache, step_is_decode: bool):
+    if batch.is_decode == step_is_decode:
+        return attn.attend(q_nope, q_pe, batch, cache)
+    # A piece of one-token sequences inside a prefill step: keep the step's (expanded) path,
+    # as the whole batch would, so the split changes no arithmetic.
+    out = attn._expanded(q_nope, q_pe, batch, cache)
+    return attn.o_proj(out.reshape(out.shape[0], -1))
+
+
+def _attn0(layer, h, batch: AttentionBatch, cache, rotary, cos_sin):
+    return layer.self_attn.project(layer.input_layernorm(h), batch, cache, rotary, cos_sin)
+
+
+def _attn1(layer, h, q, batch, cache, step_is_decode):
+    h = h + _attend(layer.self_attn, q[0], q[1], batch, cache, step_is_decode)
+    if not layer.is_moe:
+        return h, None, None, None
+    x = layer.post_attention_layernorm(h)
+    weights, ids = layer.mlp.gate(x)
+    return h, x, weights, ids
+
+
+def _combine(h, routed, shared, dtype):
+    return h + MoE.combine(routed, shared, dtype)
+
+
+class _Clock:
+    """Runs ops on the compute thread and notes (name, layer, t0, t1) for each."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, int, float, float]] = []
+
+    def __call__(self, name: str, layer: int, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.spans.append((name, layer, t0, time.perf_counter()))
+        return out
+
+
+@dataclass
+class _Carry:
+    """A micro-batch's state between compute-thread hops."""
+
+    h: torch.Tensor | None = None
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+    next_layer: int = 0
+    pending: tuple | None = None  # (routed, shared, dtype) of the last MoE layer, to combine
+    x: torch.Tensor | None = None  # the current MoE layer's normed input, gate output
+    weights: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+
+
+# ---- the step --------------------------------------------------------------------------------
+
+class OverlappedStep:
+    """Per micro-batch, one compute-thread hop runs everything up to the next dispatch
+    (COMBINE of the last MoE layer, then ATTN-0 / ATTN-1 / FFN of dense layers and ATTN-0 /
+    ATTN-1 + gate of the next MoE layer); then the dispatch goes out, and the shared expert is
+    a hop of its own (with two micro-batches, so the other's attention can run first) or joins
+    the first hop (one micro-batch: shared expert before the dispatch, the reference order).
+    Few hops matter on a loaded CPU, where every thread hand-over may wait for a core; the
+    trace still shows every op, timed inside the hop."""
+
+    def __init__(self, model, client, input_ids: torch.Tensor, batch: AttentionBatch,
+                 caches, step_id: int, tracer: ChromeTrace | None = None) -> None:
+        self.model, self.client, self.input_ids, self.batch = model, client, input_ids, batch
+        self.caches, self.step_id, self.tracer = caches, step_id, tracer
+        self.compute_s = 0.0
+        self.decode = batch.is_decode
+        self.parts: list[MicroBatch] = []
+        self.cut: int | None = None
+        self._hop_done: list[asyncio.Event] = []
+        self._pool = compute_executor()
+        self._layers = list(model.layers)
+
+    async def _hop(self, mb: int, fn, *args):
+        clock = _Clock()
+        t0, t1, out = await asyncio.get_running_loop().run_in_executor(
+            self._pool, _timed, fn, (clock, *args))
+        self.compute_s += t1 - t0
+        if self.tracer is not None:
+            for name, layer, a, b in clock.spans:
+                self.tracer.span(COMPUTE, name, a, b, mb=mb, layer=layer, step=self.step_id)
+        return out
+
+    def _advance(self, clock: _Clock, mb: MicroBatch, carry: _Carry, with_shared: bool) -> _Carry:
+        """Compute thread: from where `carry` stands to the next MoE layer's gate (or the end)."""
+        model, batch = self.model, mb.batch
+        if carry.h is None:
+            carry.h, carry.cos_sin = clock("EMBED", -1, _embed, model, self.input_ids[mb.lo:mb.hi],
+                                           batch.positions)
+        if carry.pending is not None:
+            carry.h = clock("COMBINE", self._layers[carry.next_layer - 1].layer_id, _combine,
+                            carry.h, *carry.pending)
+            carry.pending = None
+        while carry.next_layer < len(self._layers):
+            layer = self._layers[carry.next_layer]
+            L, cache = layer.layer_id, self.caches[layer.layer_id]
+            carry.next_layer += 1
+            q = clock("ATTN-0", L, _attn0, layer, carry.h, batch, cache, model.rotary, carry.cos_sin)
+            carry.h, x, weights, ids = clock("ATTN-1", L, _attn1, layer, carry.h, q, batch, cache,
+                                             self.decode)
+            if not layer.is_moe:
+                carry.h = clock("FFN", L, layer.ffn_block, carry.h)
+                continue
+            carry.x, carry.weights, carry.ids = x, weights, ids
+            if with_shared:
+                carry.pending = (None, clock("SHARED", L, layer.mlp.shared, x), x.dtype)
+            return carry
+        carry.x = carry.weights = carry.ids = None
+        return carry
+
+    async def _dispatch(self, mb: MicroBatch, micro_batch: int, layer: int, carry: _Carry):
+        t0 = time.perf_counter()
+        routed = await self.client.dispatch(self.step_id, micro_batch, layer, carry.x, carry.ids,
+                                            carry.weights)
+        if self.tracer is not None:
+            self.tracer.span(comm_track(mb.index), "DISPATCH", t0, time.perf_counter(),
+                             mb=mb.index, layer=layer, step=self.step_id, tokens=mb.hi - mb.lo)
+        return routed
+
+    async def _run(self, mb: MicroBatch, micro_batch: int) -> torch.Tensor:
+        overlap = len(self.parts) > 1
+        # a prompt split between the micro-batches: micro-batch 1's attention at a layer reads
+        # the latent KV micro-batch 0 wrote at that layer, so its k-th hop waits for theirs
+        ordered = overlap and mb.index == 1 and self.cut is not None and self._cut_inside_sequence()
+        carry, hop = _Carry(), 0
+        while True:
+            if ordered:
+                await self._hop_done[hop].wait()
+            carry = await self._hop(mb.index, self._advance, mb, carry, not overlap)
+            if mb.index == 0 and overlap:
+                self._hop_done[hop].set()
+            hop += 1
+            if carry.x is None:
+                return carry.h
+            layer = self._layers[carry.next_layer - 1].layer_id
+            if overlap:  # send first, compute the shared expert while the dispatch travels
+                sending = asyncio.ensure_future(self._dispatch(mb, micro_batch, layer, carry))
+                try:
+                    shared = await self._hop(mb.index, _shared_op, layer,
+                                             self._layers[carry.next_layer - 1], carry.x)
+                    routed = await sending
+                finally:
+                    if not sending.done():
+                        sending.cancel()
+                carry.pending = (routed, shared, carry.x.dtype)
+            else:  # the reference order: shared expert (in the hop above), then the dispatch
+                routed = await self._dispatch(mb, micro_batch, layer, carry)
+                carry.pending = (routed, carry.pending[1], carry.pending[2])
+            carry.x = carry.weights = carry.ids = None
+
+    def _cut_inside_sequence(self) -> bool:
+        ends = torch.tensor(self.batch.query_lens).cumsum(0).tolist()
+        return self.cut not in ends
+
+    async def run(self, plan, cfg, micro_batch: int = 0) -> torch.Tensor:
+        self.cut = plan_cut(self.batch, plan, cfg)
+        self.parts = micro_batches(self.batch, self.cut)
+        self._hop_done = [asyncio.Event() for _ in range(len(self._layers) + 2)]
+        runs = [self._run(mb, micro_batch if len(self.parts) == 1 else mb.index)
+                for mb in self.parts]
+        hs = await _all_or_first_error(runs)
+        return await self._hop(-1, _logits_op, self.model, hs, self.batch.last_token_indices())
+
+
+def _embed(model, input_ids, positions):
+    return model.embed(input_ids.to(model.device)), model.cos_sin(positions)
+
+
+def _shared_op(clock: _Clock, layer_id: int, layer, x):
+    return clock("SHARED", layer_id, layer.mlp.shared, x)
+
+
+def _logits_op(clock: _Clock, model, hs, last):
+    def logits():
+        h = hs[0] if len(hs) == 1 else torch.cat(hs)
+        return model.logits(h[last.to(h.device)])
+
+    return clock("LOGITS", -1, logits)
+
+
+async def _all_or_first_error(coros) -> list:
+    """Run concurrently; on the first failure cancel the rest and raise that failure."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def overlapped_forward(model, client, input_ids: torch.Tensor, batch: AttentionBatch,
+                             caches, plan, step_id: int, tracer: ChromeTrace | None = None,
+                             micro_batch: int = 0) -> tuple[torch.Tensor, ForwardStats]:
+    """logits [B, V] of each sequence's last token, and how the step went."""
+    t0 = time.perf_counter()
+    step = OverlappedStep(model, client, input_ids, batch, caches, step_id, tracer)
+    logits = await step.run(plan, model.cfg, micro_batch)
+    t1 = time.perf_counter()
+    stats = ForwardStats(step_id, "decode" if batch.is_decode else "prefill", batch.num_tokens,
+                         len(step.parts), step.cut, int(getattr(plan, "version", 0)), t1 - t0,
+                         step.compute_s)
+    if tracer is not None:
+        tracer.span(STEPS, f"{stats.phase} step {step_id}", t0, t1, tokens=stats.tokens,
+                    micro_batches=stats.micro_batches, cut=stats.cut,
+                    plan_version=stats.plan_version, compute_s=round(stats.compute_s, 6))
+    return logits, stats
