@@ -38,6 +38,12 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                       help="steps with fewer tokens run as one micro-batch (default: 16)")
     plan.add_argument("--trace-dir", default="",
                       help="every prefill/decode instance writes a Chrome trace DIR/<name>.json")
+    eplb = p.add_argument_group("live expert rebalancing (off by default)")
+    eplb.add_argument("--rebalance-threshold", type=float, default=0.0,
+                      help="scheduler re-plans the placement when its balancedness on recent "
+                           "load drops below this (0 = off)")
+    eplb.add_argument("--rebalance-period-s", type=float, default=0.0,
+                      help="also re-plan this often (0 = off)")
     link = p.add_argument_group("shaped links (one `epserve link-proxy` per expert worker)")
     link.add_argument("--link-latency-ms", type=float, default=None,
                       help="one-way latency added between attention instances and each expert "
@@ -60,7 +66,10 @@ def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
                            min_batch_tokens=args.min_batch_tokens,
                            trace_dir=str(Path(args.trace_dir).resolve()) if args.trace_dir else "",
                            link_latency_ms=args.link_latency_ms,
-                           link_bandwidth_mbps=args.link_bandwidth_mbps)
+                           link_bandwidth_mbps=args.link_bandwidth_mbps,
+                           extra={"scheduler": (
+                               "--rebalance-threshold", str(args.rebalance_threshold),
+                               "--rebalance-period-s", str(args.rebalance_period_s))})
     except ValueError as exc:
         raise CliError(str(exc)) from exc
 

@@ -118,7 +118,7 @@ class AttentionService:
         self.heartbeat = HeartbeatPublisher(
             self.nc, self.role, self.instance_id, self.endpoint, cfg.heartbeat_interval_s, load,
             placement_version=lambda: self.instance.placement_version,
-            metrics_endpoint=f"{cfg.host}:{metrics_port}" if metrics_port else "")
+            metrics_endpoint=f"{cfg.advertise_host or cfg.host}:{metrics_port}" if metrics_port else "")
         self.heartbeat.start()
         await self.instance.start(cfg.topology_wait_s)
         engine = self.instance.engine

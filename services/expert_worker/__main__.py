@@ -110,7 +110,7 @@ async def serve(cfg: ExpertWorkerConfig) -> int:
     tasks: list[asyncio.Task] = []
     if nc is not None:
         heartbeat = HeartbeatPublisher(
-            nc, "expert-worker", f"expert-worker-{cfg.rank}", f"{cfg.advertise_host or cfg.host}:{port}",
+            nc, "expert-worker", f"expert-worker-{cfg.rank}", f"{cfg.advertise_host or cfg.host}:{cfg.advertise_port or port}",
             cfg.heartbeat_interval_s, rank=cfg.rank, placement_version=lambda: core.placement_version)
         heartbeat.state = control_pb2.STATE_SERVING
         heartbeat.start()

@@ -15,6 +15,8 @@ class ExpertWorkerConfig:
     redundant_experts: int = field(default=0, metadata={"help": "redundant slots (no --placement)"})
     host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen host"})
     advertise_host: str = field(default="", metadata={"help": "host others dial (default host)"})
+    advertise_port: int = field(default=0, metadata={
+        "help": "port others dial, e.g. a proxy's (default: the bound port)"})
     heartbeat_interval_s: float = field(default=0.5, metadata={"help": "heartbeat period"})
     load_report_interval_s: float = field(default=1.0, metadata={
         "help": "publish per-expert load on NATS this often (0 = never)"})
