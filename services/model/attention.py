@@ -21,6 +21,13 @@ from services.model.layers import RMSNorm
 from services.model.rope import RotaryEmbedding, softmax_scale
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache rows at slots [..., L] -> [..., L, r+p]; index_select is several times cheaper than
+    advanced indexing on a CPU, and the latents are read once per layer per step."""
+    rows = cache.index_select(0, slots.reshape(-1).to(cache.device))
+    return rows.view(*slots.shape, cache.shape[-1])
+
+
 class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -58,7 +65,8 @@ class MLAttention(nn.Module):
         c, k_pe = ckv.split([self.rank, self.rope_dim], dim=-1)
         c = self.kv_a_layernorm(c)
         k_pe = rotary.apply(k_pe.unsqueeze(1), cos, sin).squeeze(1)
-        cache[batch.write_slots] = torch.cat([c, k_pe], dim=-1).to(cache.dtype)
+        latent = torch.cat([c, k_pe], dim=-1).to(cache.dtype)
+        cache.index_copy_(0, batch.write_slots.to(cache.device), latent)
         return q_nope, q_pe
 
     # ATTN-1: core attention and output projection.
@@ -79,40 +87,49 @@ class MLAttention(nn.Module):
         return self.attend(q_nope, q_pe, batch, cache)
 
     def _expanded(self, q_nope, q_pe, batch: AttentionBatch, cache: torch.Tensor) -> torch.Tensor:
-        outs, start = [], 0
-        for n, slots in zip(batch.query_lens, batch.context_slots, strict=True):
-            positions = batch.positions[start : start + n]
-            qn, qp = q_nope[start : start + n], q_pe[start : start + n]  # [n, h, *]
-            start += n
-            latent = cache[slots].to(q_nope.dtype)  # [L, r+p]
-            c, k_pe = latent[:, : self.rank], latent[:, self.rank :]
-            kv = self.kv_b_proj(c).view(-1, self.num_heads, self.nope + self.v_dim)
-            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [L, h, *]
-            q = torch.cat([qn, qp], dim=-1).transpose(0, 1)  # [h, n, d]
-            k_full = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
-            scores = torch.matmul(q, k_full.permute(1, 2, 0)) * self.scale  # [h, n, L]
-            mask = torch.arange(slots.numel())[None, :] > positions[:, None]  # [n, L]
-            scores = scores.masked_fill(mask[None], float("-inf"))
+        # Sequences with the same (new tokens, context length) are attended as one batch G: a
+        # prefill of equal-length prompts is one pass per layer, not one per sequence.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (n, slots) in enumerate(zip(batch.query_lens, batch.context_slots, strict=True)):
+            groups.setdefault((n, slots.numel()), []).append(i)
+        starts = [0]
+        for n in batch.query_lens:
+            starts.append(starts[-1] + n)
+        h, d = self.num_heads, self.qk_dim
+        q_all = torch.cat([q_nope, q_pe], dim=-1)  # [T, h, d]
+        out = q_nope.new_empty(q_nope.shape[0], h, self.v_dim)
+        for (n, L), seqs in groups.items():
+            G = len(seqs)
+            rows = (slice(None) if len(groups) == 1 else  # every token, in order
+                    torch.cat([torch.arange(starts[i], starts[i] + n) for i in seqs]))  # [G*n]
+            slots = torch.stack([batch.context_slots[i] for i in seqs])  # [G, L]
+            latent = _gather(cache, slots).to(q_nope.dtype)  # [G, L, r+p]
+            c, k_pe = latent[..., : self.rank], latent[..., self.rank :]
+            kv = self.kv_b_proj(c).view(G, L, h, self.nope + self.v_dim)
+            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [G, L, h, *]
+            k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, h, -1)], dim=-1)
+            q = q_all[rows].view(G, n, h, d).transpose(1, 2)  # [G, h, n, d]
+            scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * self.scale  # [G, h, n, L]
+            positions = batch.positions[rows].view(G, n, 1)
+            mask = (torch.arange(L)[None, None, :] > positions).to(scores.device)  # [G, n, L]
+            scores = scores.masked_fill(mask[:, None], float("-inf"))
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            outs.append(torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1))  # [n, h, v]
-        return torch.cat(outs, dim=0)
+            o = torch.matmul(probs, v.transpose(1, 2))  # [G, h, n, v]
+            out[rows] = o.transpose(1, 2).reshape(G * n, h, self.v_dim)
+        return out
 
     def _absorbed(self, q_nope, q_pe, batch: AttentionBatch, cache: torch.Tensor) -> torch.Tensor:
-        B = len(batch.query_lens)
-        lens = torch.tensor([s.numel() for s in batch.context_slots])
-        L = int(lens.max())
-        slots = torch.zeros(B, L, dtype=torch.long)
-        for i, s in enumerate(batch.context_slots):
-            slots[i, : s.numel()] = s
-        latent = cache[slots].to(q_nope.dtype)  # [B, L, r+p]
-        c, k_pe = latent[..., : self.rank], latent[..., self.rank :]
+        slots, pad = batch.padded_context  # [B, L]
+        latent = _gather(cache, slots).to(q_nope.dtype)  # [B, L, r+p], laid out [c | k_pe]
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [h, n, r], [h, v, r]
-        q_lat = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)
-        scores = torch.einsum("bhr,blr->bhl", q_lat, c) + torch.einsum("bhp,blp->bhl", q_pe, k_pe)
-        scores = scores * self.scale
-        pad = torch.arange(L)[None, :] >= lens[:, None]  # [B, L]
-        scores = scores.masked_fill(pad[:, None, :], float("-inf"))
+        # Batched matmuls over the head axis (einsum would pick the same, after a plan per call).
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, h, r]
+        # q_lat.c + q_pe.k_pe is one dot product of [q_lat | q_pe] with the cached row.
+        q = torch.cat([q_lat, q_pe], dim=-1)  # [B, h, r+p]
+        scores = torch.bmm(q, latent.transpose(1, 2)) * self.scale  # [B, h, L]
+        if pad is not None:
+            scores = scores.masked_fill(pad[:, None, :].to(scores.device), float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
-        o_lat = torch.einsum("bhl,blr->bhr", probs, c)
-        return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)  # [B, h, v]
+        o_lat = torch.bmm(probs, latent[..., : self.rank])  # [B, h, r]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, h, v]

@@ -8,6 +8,7 @@ holds which position. Shapes: T = new tokens in the batch, L = context length of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -35,6 +36,18 @@ class AttentionBatch:
     def is_decode(self) -> bool:
         """Every sequence adds exactly one token (the absorbed-attention fast path)."""
         return all(n == 1 for n in self.query_lens)
+
+    @cached_property
+    def padded_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every sequence's context slots padded to the longest: slots [B, L] (padding reads
+        slot 0) and the padding mask [B, L] (True = padding), None when nothing is padded.
+        Computed once per batch, however many layers attend over it."""
+        lens = [s.numel() for s in self.context_slots]
+        if min(lens) == max(lens):
+            return torch.stack(self.context_slots), None
+        slots = torch.nn.utils.rnn.pad_sequence(list(self.context_slots), batch_first=True)
+        pad = torch.arange(slots.shape[1])[None, :] >= torch.tensor(lens)[:, None]
+        return slots, pad
 
     def last_token_indices(self) -> torch.Tensor:
         """[B] index of each sequence's last new token within the batch."""

@@ -22,7 +22,8 @@ RoutedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # F.grouped_mm's CPU kernel (a C++ loop of one matmul per group) exists from torch 2.9; up to
 # 2.10 it also needs 16-byte-aligned operands, which memory-mapped checkpoints don't guarantee.
-_HAS_GROUPED_MM = hasattr(F, "grouped_mm") and torch.torch_version.TorchVersion(torch.__version__) >= (2, 11)
+HAS_GROUPED_MM = (hasattr(F, "grouped_mm")
+                  and torch.torch_version.TorchVersion(torch.__version__) >= (2, 11))
 
 
 class Gate(nn.Module):
@@ -46,17 +47,25 @@ class Gate(nn.Module):
         else:
             scores = logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if self.use_bias else scores
+        k = cfg.num_experts_per_tok
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
-            grouped = choice.view(-1, cfg.n_group, cfg.experts_per_group)
+            per = cfg.experts_per_group
+            grouped = choice.view(-1, cfg.n_group, per)
             if cfg.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+                # Sum of each group's two best scores. Equal to topk(2).sum(), but topk is a
+                # branchy partial sort that costs more than the matmuls of the gate in prefill.
+                best, at = grouped.max(dim=-1)
+                second = grouped.scatter(-1, at.unsqueeze(-1), float("-inf")).amax(dim=-1)
+                group_scores = best + second
             else:
-                group_scores = grouped.max(dim=-1).values
-            group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
-            keep = keep.unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
-            choice = choice.masked_fill(~keep, float("-inf"))
-        ids = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+                group_scores = grouped.amax(dim=-1)
+            group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]  # [T, G]
+            # The top k among the kept groups' experts only (the others can't be chosen).
+            kept = grouped.gather(1, group_idx.unsqueeze(-1).expand(-1, -1, per))  # [T, G, per]
+            j = kept.flatten(1).topk(k, dim=-1, sorted=False)[1]
+            ids = group_idx.gather(1, j // per) * per + j % per
+        else:
+            ids = choice.topk(k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -94,22 +103,23 @@ class ExpertBank(nn.Module):
 
         Returns the fp32 weighted sum [T, H] over the held experts each token selected.
         """
-        T = x.shape[0]
-        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+        (T, H), K = x.shape, keys.shape[1]
         if not len(self) or T == 0:
-            return out
-        flat = keys.reshape(-1)
-        in_range = (flat >= 0) & (flat < self.local_index.numel())
-        local = torch.full_like(flat, -1)
-        local[in_range] = self.local_index[flat[in_range]]
-        held = (local >= 0).nonzero().squeeze(1)
+            return torch.zeros(T, H, dtype=torch.float32, device=x.device)
+        # (Gathers use index_select: several times cheaper than advanced indexing on a CPU.)
+        flat, size = keys.reshape(-1), self.local_index.numel()
+        local = self.local_index.index_select(0, flat.clamp(0, size - 1))
+        local = torch.where((flat >= 0) & (flat < size), local, -1)  # -1: not held here
+        held = (local >= 0).nonzero().squeeze(1)  # entries (token * K + k) held here
         if held.numel() == 0:
-            return out
-        local_held = local[held]
-        token_of_entry = held // keys.shape[1]
-        entry_weights = weights.reshape(-1)[held].float()
-        counts = torch.bincount(local_held, minlength=len(self))
+            return torch.zeros(T, H, dtype=torch.float32, device=x.device)
+        experts = local.index_select(0, held)
+        counts = torch.bincount(experts, minlength=len(self))
         self.token_counts += counts
+        # Entries grouped by expert (stable, so each expert's rows stay in token order).
+        order = torch.argsort(experts, stable=True)
+        entries, experts = held.index_select(0, order), experts.index_select(0, order)
+        h = x.index_select(0, entries // K)
         mode = self.mode
         if mode == "auto":
             if x.is_cuda:
@@ -118,44 +128,49 @@ class ExpertBank(nn.Module):
                 few = held.numel() < 4 * int((counts > 0).sum())
                 mode = "gather" if few else "loop"
             else:
-                mode = "grouped" if _HAS_GROUPED_MM else "loop"
+                mode = "grouped" if HAS_GROUPED_MM else "loop"
         if mode == "gather":
-            y = self._gathered(x, token_of_entry, local_held)
-            out.index_add_(0, token_of_entry, y.float() * entry_weights[:, None])
-            return out
-        # Entries sorted by expert (stable, so each expert's rows stay in token order).
-        order = torch.argsort(local_held, stable=True)
-        rows, w = token_of_entry[order], entry_weights[order]
-        if mode == "grouped":
-            y = self._grouped(x[rows], counts)
-            # In expert order, as the loop adds them: the sums round the same way.
-            out.index_add_(0, rows, y.float() * w[:, None])
-            return out
+            y = self._gathered(h, experts)
+        elif mode == "grouped":
+            y = self._grouped(h, counts)
+        else:
+            y = self._looped(h, counts)
+        # Combine in fp32: each entry's output goes back to its (token, k) row, zero where not
+        # held here, and each token takes the weighted sum of its K rows as one [1, K] x [K, H]
+        # product. No scatter-add, no weighted copy of the outputs, and a summation order that
+        # does not depend on how the entries were grouped by expert.
+        y = y.float()
+        if held.numel() == T * K:  # all held (the reference engine): one gather puts them back
+            position = torch.arange(entries.numel(), device=entries.device)
+            contrib = y.index_select(0, torch.empty_like(entries).index_copy_(0, entries, position))
+        else:
+            contrib = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)
+            contrib.index_copy_(0, entries, y)
+        return torch.bmm(weights.float().view(T, 1, K), contrib.view(T, K, H)).view(T, H)
+
+    def _looped(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """h [N, H]: entries sorted by expert, counts[e] of them for expert e. One matmul pair
+        per expert hit, from Python. Returns [N, H] in h's dtype."""
+        y = torch.empty_like(h)
         start = 0
         for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            r, w_e = rows[start : start + n], w[start : start + n]
-            start += n
-            gate, up = F.linear(x[r], self.gate_up[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down[e])
-            # rows are distinct within one expert; index_put_ is the cheapest scatter-add on CPU
-            out.index_put_((r,), y.float() * w_e[:, None], accumulate=True)
-        return out
+            if n:
+                gate, up = F.linear(h[start : start + n], self.gate_up[e]).chunk(2, dim=-1)
+                y[start : start + n] = F.linear(F.silu(gate) * up, self.down[e])
+                start += n
+        return y
 
     def _grouped(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """h [N, H]: entries sorted by expert, counts[e] of them for expert e. One grouped
-        matmul per projection: the per-expert loop runs in C++, not Python, and each group is
-        the same matmul the loop would do. Returns [N, H] in h's dtype."""
+        """As _looped, but one grouped matmul per projection: the loop over experts runs in
+        C++, and each group is the same matmul the loop would do."""
         offs = counts.cumsum(0).to(torch.int32)
         gate, up = F.grouped_mm(h, self.gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         return F.grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs)
 
-    def _gathered(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Few tokens per expert (decode): one batched matmul over (token, expert) entries
-        instead of a Python loop over experts. Returns [entries, H] in x's dtype."""
-        h = x[rows].unsqueeze(-1)  # [N, H, 1]
-        gate, up = torch.bmm(self.gate_up[experts], h).squeeze(-1).chunk(2, dim=-1)
+    def _gathered(self, h: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Few tokens per expert (decode) on a GPU: one batched matmul over the entries h [N, H]
+        (entry i for local expert experts[i]), weights gathered per entry. Returns [N, H]."""
+        gate, up = torch.bmm(self.gate_up[experts], h.unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
         act = (F.silu(gate) * up).unsqueeze(-1)  # [N, I, 1]
         return torch.bmm(self.down[experts], act).squeeze(-1)
 
