@@ -54,6 +54,7 @@ class ClusterSpec:
     trace_dir: str = ""  # Chrome traces of every prefill/decode instance
     link_latency_ms: float | None = None  # a link proxy in front of each expert worker
     link_bandwidth_mbps: float | None = None
+    http_port: int | None = None  # the router's OpenAI-compatible HTTP API (0 = a free port)
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.expert_workers) < 1:
@@ -117,6 +118,7 @@ class LocalCluster:
         self.nats: NatsServer | None = None
         self.endpoints: dict[str, str] = {}
         self.metrics_urls: dict[str, str] = {}
+        self.http_url = ""  # the OpenAI-compatible API, when the spec asks for it
         self.link_controls: dict[int, tuple[str, int]] = {}  # worker rank -> proxy control port
 
     @property
@@ -171,7 +173,12 @@ class LocalCluster:
                                                       "--kv-blocks", str(s.kv_blocks),
                                                       *self._trace_args(f"decode-{i}")])
                            for i in range(s.decode)], timeout)
-            self._stage([("router", "router", ["--max-inflight", str(s.max_inflight)])], timeout)
+            router_args = ["--max-inflight", str(s.max_inflight)]
+            if s.http_port is not None:
+                http_port = s.http_port or free_port(s.host)
+                router_args += ["--http-port", str(http_port)]
+                self.http_url = f"http://{s.host}:{http_port}"
+            self._stage([("router", "router", router_args)], timeout)
         except BaseException:
             self.stop()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import threading
 from pathlib import Path
@@ -86,11 +87,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("up", help="run a whole cluster locally until Ctrl-C / SIGTERM")
     add_cluster_args(p)
     p.add_argument("--port", type=int, default=0, help="router gRPC port (0 = a free one)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API on this port (0 = a free one)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    spec = spec_from(args, args.port)
+    spec = dataclasses.replace(spec_from(args, args.port), http_port=args.http_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -99,6 +102,8 @@ def _run(args: argparse.Namespace) -> int:
     cluster = start_cluster(spec, args.log_dir, args.start_timeout)
     try:
         print(f"router listening on {cluster.router_endpoint}", flush=True)
+        if cluster.http_url:
+            print(f"OpenAI-compatible HTTP API on {cluster.http_url}/v1", flush=True)
         print(f"  NATS {cluster.nats_url}; logs in {cluster.log_dir}", flush=True)
         if spec.shaped_links:
             print(f"  expert workers behind link proxies ({spec.link_latency_ms or 0} ms one-way"

@@ -34,7 +34,8 @@ from services.router.choice import InstanceChooser
 from services.router.config import RouterConfig
 from services.router.flow import Channels, RequestFlow
 from services.router.instances import DECODE, PREFILL, ROLES, InstanceReport, InstanceView
-from services.router.server import RouterServicer
+from services.router.openai_http import OpenAIHttp
+from services.router.server import Gateway, RouterServicer
 from services.router.usage import UsagePublisher
 from services.router.validation import ModelLimits
 
@@ -97,10 +98,14 @@ async def serve(cfg: RouterConfig) -> int:
     usage = UsagePublisher(js)
     server = grpc.aio.server()
     health = await add_health(server)
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        RouterServicer(limits, model_cfg, tokenizer, admission, flow, usage), server)
+    gateway = Gateway(limits, tokenizer, admission, flow, usage)
+    inference_pb2_grpc.add_InferenceServicer_to_server(RouterServicer(gateway, model_cfg), server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     await server.start()
+    http = None
+    if cfg.http_port >= 0:
+        http = OpenAIHttp(gateway, model_cfg)
+        await http.start(cfg.host, cfg.http_port)
     metrics_port = start_metrics_http(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
     heartbeat = HeartbeatPublisher(
         nc, "router", instance_id, f"{cfg.advertise_host or cfg.host}:{port}",
@@ -115,7 +120,8 @@ async def serve(cfg: RouterConfig) -> int:
         Path(cfg.port_file).write_text(str(port))
     await heartbeat.set_state(control_pb2.STATE_SERVING)
     await health.set_serving()
-    log.info("router_ready", port=port, metrics_port=metrics_port, model=limits.name)
+    log.info("router_ready", port=port, metrics_port=metrics_port, model=limits.name,
+             http_port=http.port if http else None)
     stop = StopEvent()
 
     async def finish_in_flight() -> None:
@@ -127,6 +133,8 @@ async def serve(cfg: RouterConfig) -> int:
         await heartbeat.set_state(control_pb2.STATE_DRAINING)
         await drain(health=health, grace_s=cfg.drain_grace_s, finish_in_flight=finish_in_flight,
                     server=server, server_grace_s=5.0)
+        if http is not None:
+            await http.stop()
         await usage.flush()
         await sub.unsubscribe()
         await heartbeat.stop()

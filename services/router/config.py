@@ -26,6 +26,9 @@ class RouterConfig:
     port: int = field(default=0, metadata={"help": "gRPC listen port (0 = pick a free one)"})
     port_file: str = field(default="", metadata={"help": "write the bound port here"})
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus port (-1 off, 0 any)"})
+    http_port: int = field(default=-1, metadata={
+        "help": "OpenAI-compatible HTTP API port (-1 off, 0 any): /v1/completions, "
+                "/v1/chat/completions, /v1/models"})
     # admission and choice
     max_inflight: int = field(default=64, metadata={
         "help": "requests in flight at once; more are rejected (RESOURCE_EXHAUSTED), never queued"})
@@ -57,6 +60,8 @@ class RouterConfig:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be -1 (off) or a port, got {self.metrics_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port must be -1 (off) or a port, got {self.http_port}")
         if self.max_inflight < 1:
             raise ValueError(f"--max-inflight must be >= 1, got {self.max_inflight}")
         if self.balancer not in BALANCERS:

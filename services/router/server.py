@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 import structlog
@@ -45,21 +46,27 @@ def raw_request(request: inference_pb2.GenerateRequest, request_id: str) -> RawR
         ignore_eos=s.ignore_eos)
 
 
-class RouterServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, limits: ModelLimits, model_cfg: ModelConfig, tokenizer: Tokenizer,
-                 admission: Admission, flow: RequestFlow, usage: UsagePublisher) -> None:
-        self.limits, self.model_cfg, self.tokenizer = limits, model_cfg, tokenizer
+class Gateway:
+    """One request from admission to its usage record, for every front end (gRPC, HTTP).
+
+    `generate` yields the public GenerateResponse messages; a request that is refused or fails
+    raises RequestFailed carrying the gRPC status (front ends map it to their own codes).
+    """
+
+    def __init__(self, limits: ModelLimits, tokenizer: Tokenizer, admission: Admission,
+                 flow: RequestFlow, usage: UsagePublisher) -> None:
+        self.limits, self.tokenizer = limits, tokenizer
         self.admission, self.flow, self.usage = admission, flow, usage
 
-    async def Generate(self, request, context):  # noqa: N802 (gRPC naming)
-        rid = request.request_id or f"req-{uuid.uuid4().hex[:20]}"
+    async def generate(self, raw: RawRequest) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        rid = raw.request_id
         with bind_request(rid):
             try:
-                valid = validate(raw_request(request, rid), self.limits, self.tokenizer)
+                valid = validate(raw, self.limits, self.tokenizer)
             except InvalidRequest as exc:
                 metrics.REQUESTS.labels(outcome="invalid").inc()
                 log.info("request_invalid", reason=str(exc))
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}") from exc
             try:
                 self.admission.admit(rid)
             except (AtCapacity, Draining, DuplicateRequest) as exc:
@@ -67,7 +74,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
                         Draining: grpc.StatusCode.UNAVAILABLE,
                         DuplicateRequest: grpc.StatusCode.ALREADY_EXISTS}[type(exc)]
                 metrics.REQUESTS.labels(outcome=code.name.lower()).inc()
-                await context.abort(code, f"{rid}: {exc}")
+                raise RequestFailed(code, f"{rid}: {exc}") from exc
             metrics.IN_FLIGHT.set(self.admission.in_flight)
             metrics.PROMPT_TOKENS.inc(len(valid.prompt_ids))
             outcome = Outcome()
@@ -97,7 +104,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
                          decode=outcome.decode_instance, prefill=outcome.prefill_instance)
             if error is not None:
                 log.warning("request_failed", code=error.code.name, reason=error.message)
-                await context.abort(error.code, error.message)
+                raise error
 
     def _record(self, req: ValidRequest, outcome: Outcome) -> control_pb2.UsageRecord:
         return control_pb2.UsageRecord(
@@ -107,6 +114,24 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
             completion_tokens=outcome.completion_tokens, finish_reason=outcome.finish_reason,
             prefill_instance=outcome.prefill_instance, decode_instance=outcome.decode_instance,
             time_to_first_token_s=outcome.ttft_s)
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:20]}"
+
+
+class RouterServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, gateway: Gateway, model_cfg: ModelConfig) -> None:
+        self.gateway, self.model_cfg = gateway, model_cfg
+        self.limits, self.tokenizer = gateway.limits, gateway.tokenizer
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC naming)
+        raw = raw_request(request, request.request_id or new_request_id())
+        try:
+            async for response in self.gateway.generate(raw):
+                yield response
+        except RequestFailed as exc:
+            await context.abort(exc.code, exc.message)
 
     async def Tokenize(self, request, context):  # noqa: N802
         if request.model and request.model != self.limits.name:

@@ -9,8 +9,11 @@ The destructive tests run last (pytest keeps file order).
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import nats
@@ -35,7 +38,7 @@ from tests.integration.cluster_helpers import reference, run_remote, start, work
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
     c = start(ClusterSpec(model=str(tiny_model_dir), prefill=1, decode=1, expert_workers=2,
-                          redundant_experts=2, max_inflight=16))
+                          redundant_experts=2, max_inflight=16, http_port=0))
     yield c
     c.stop()
 
@@ -139,6 +142,59 @@ def test_tokenize_and_list_models(cluster, tiny_model_dir):
     cfg = ModelConfig.from_dir(tiny_model_dir)
     assert models[0].context_length == cfg.max_position_embeddings
     assert models[0].routed_experts == cfg.n_routed_experts
+
+
+def _http(cluster, path: str, body: dict | bytes | None = None) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(cluster.http_url + path, data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_openai_http_api_matches_grpc_and_the_reference(cluster, workload_and_reference,
+                                                        tiny_model_dir):
+    reqs, expected = workload_and_reference
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    status, body = _http(cluster, "/v1/models")
+    assert status == 200 and json.loads(body)["data"][0]["max_model_len"] == 512
+    r, want = reqs[0], expected[0]  # a greedy request of the invariant workload
+    completion = {"prompt": r.prompt_ids, "max_tokens": r.params.max_tokens, "temperature": 0,
+                  "ignore_eos": True}
+    status, body = _http(cluster, "/v1/completions", completion)
+    assert status == 200, body
+    out = json.loads(body)
+    assert out["choices"][0]["text"] == tok.decode(want.token_ids, skip_special_tokens=True)
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len(r.prompt_ids),
+                            "completion_tokens": r.params.max_tokens,
+                            "total_tokens": len(r.prompt_ids) + r.params.max_tokens}
+    # Streaming chat: the deltas add up to the non-streamed answer; the stream ends with [DONE].
+    chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 10,
+            "temperature": 0, "ignore_eos": True}
+    status, whole = _http(cluster, "/v1/chat/completions", chat)
+    assert status == 200, whole
+    status, streamed = _http(cluster, "/v1/chat/completions", {**chat, "stream": True})
+    events = [line[6:] for line in streamed.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == json.loads(whole)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"{not json", "not valid JSON"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be > 0"),
+    ({"prompt": "hi", "stop": ["\n"]}, "'stop' is not supported"),
+    ({"prompt": "hi", "max_tokens": 4, "top_p": 2}, "top_p must be in (0, 1]"),
+    ({"prompt": 5}, "prompt must be a string or a list of token ids"),
+])
+def test_openai_http_errors_are_400_json(cluster, body, fragment):
+    status, raw = _http(cluster, "/v1/completions", body)
+    assert status == 400
+    assert fragment in json.loads(raw)["error"]["message"]
 
 
 def _decode_metrics(cluster) -> dict[str, float]:
