@@ -4,6 +4,12 @@ dispatch() splits a MoE layer's tokens by worker (ep_plan), sends every share co
 and adds the partial sums in worker order (fp32), so the result does not depend on which reply
 arrives first. Replies on a stream come in request order, so each stream keeps a FIFO of
 futures. Every wait has a deadline: a dead or silent worker is a clear EPError, never a hang.
+
+dispatch() is start_dispatch() (plan, encode, write every share: returns a PendingDispatch once
+the requests are on the streams) followed by PendingDispatch.result() (wait for the replies,
+decode and add them). The pending object keeps the halves' times for traces: per worker when
+its request was written and its reply arrived (both time.perf_counter() in this process) and
+the compute time the worker reported, measured on the worker's own clock.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import collections
 import itertools
 import time
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -77,7 +84,7 @@ class _WorkerStream:
                 if self.pending:
                     fut = self.pending.popleft()
                     if not fut.done():
-                        fut.set_result(reply)
+                        fut.set_result((reply, time.perf_counter()))
             self._fail(EPError(f"expert worker {self.rank} ({self.target}) closed its stream",
                                rank=self.rank))
         except grpc.aio.AioRpcError as exc:
@@ -94,7 +101,9 @@ class _WorkerStream:
             if not fut.done():
                 fut.set_exception(err)
 
-    async def send(self, req: expert_pb2.DispatchRequest) -> asyncio.Future:
+    async def send(self, req: expert_pb2.DispatchRequest, timing: WorkerTiming) -> asyncio.Future:
+        """Write `req`; the future resolves to (reply, perf_counter at its arrival)."""
+        timing.send_start = time.perf_counter()
         if self.broken:
             raise self.broken
         fut = asyncio.get_running_loop().create_future()
@@ -104,6 +113,7 @@ class _WorkerStream:
         size = req.ByteSize()
         self.bytes_sent += size
         WIRE_BYTES.labels(direction="sent").inc(size)
+        timing.sent = time.perf_counter()
         return fut
 
     async def close(self) -> None:
@@ -178,11 +188,21 @@ class ExpertClient:
     async def dispatch(self, step_id: int, micro_batch: int, layer_id: int, x: torch.Tensor,
                        topk_ids: torch.Tensor, weights: torch.Tensor, tag: str = "") -> torch.Tensor:
         """x [T, H], topk_ids [T, K] logical, weights [T, K] -> routed output [T, H] fp32."""
+        pending = await self.start_dispatch(step_id, micro_batch, layer_id, x, topk_ids, weights,
+                                            tag)
+        return await pending.result()
+
+    async def start_dispatch(self, step_id: int, micro_batch: int, layer_id: int,
+                             x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor,
+                             tag: str = "") -> PendingDispatch:
+        """Plan, encode and write one MoE layer's shares; returns once every request is on its
+        worker's stream. `await pending.result()` gives what dispatch() gives."""
         t_start = time.perf_counter()
         shares = plan_dispatch(self.table, layer_id, topk_ids)
         t_encode = time.perf_counter()
+        timings = [WorkerTiming(share.worker) for share in shares]
         sends = []
-        for share in shares:
+        for share, timing in zip(shares, timings, strict=True):
             req = expert_pb2.DispatchRequest(
                 step_id=step_id, micro_batch=micro_batch, layer_id=layer_id,
                 placement_version=self.table.version,
@@ -190,27 +210,95 @@ class ExpertClient:
                 slots=to_proto(encode(share.slots, "int32")),
                 weights=to_proto(encode(weights[share.rows].float(), "fp32")),
                 combine_dtype=dtype_to_proto(self.combine_dtype), trace_tag=tag)
-            sends.append(self.streams[share.worker].send(req))
+            sends.append(self.streams[share.worker].send(req, timing))
         serialize = time.perf_counter() - t_encode
         futures = await asyncio.gather(*sends)
+        return PendingDispatch(self, step_id, layer_id, x, shares, futures, timings, t_start,
+                               time.perf_counter(), serialize)
+
+
+@dataclass
+class WorkerTiming:
+    """One worker's share of a dispatch. send_start/sent/reply are time.perf_counter() on the
+    attention side; compute_s is what the worker measured on its own clock (never compared with
+    this process's timestamps, only subtracted from its reply's arrival)."""
+
+    worker: int
+    send_start: float = 0.0  # writing the request began
+    sent: float = 0.0  # write() returned (gRPC may report it after the reply is in)
+    reply: float | None = None  # its reply came off the stream
+    compute_s: float = 0.0  # DispatchResponse.compute_seconds
+
+    @property
+    def sent_by(self) -> float:
+        """When the request was out at the latest: gRPC's write completion and the reply's
+        arrival come from the same poller, in either order, and a reply proves its request
+        was sent."""
+        return self.sent if self.reply is None else min(self.sent, self.reply)
+
+
+@dataclass
+class PendingDispatch:
+    """A dispatch whose requests are on the streams; result() waits for and combines the
+    replies. Timestamps are time.perf_counter() seconds in this process."""
+
+    client: ExpertClient
+    step_id: int
+    layer_id: int
+    x: torch.Tensor
+    shares: list
+    futures: list[asyncio.Future]
+    workers: list[WorkerTiming]
+    t_start: float  # start_dispatch() began: routing, encoding, writes
+    t_written: float  # start_dispatch() returned: every write() completed
+    serialize_s: float  # encoding time
+    t_combine: float | None = None  # every reply in: decoding and adding began
+    t_done: float | None = None  # the combined output is ready
+    _out: torch.Tensor | None = field(default=None, repr=False)
+
+    async def result(self) -> torch.Tensor:
+        """The routed output [T, H] fp32 (on x's device); EPError on a failed, rejecting or
+        silent worker (DEADLINE_EXCEEDED after the client's timeout)."""
+        if self._out is not None:
+            return self._out
+        client, layer_id = self.client, self.layer_id
         try:
-            replies = await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+            arrived = await asyncio.wait_for(asyncio.gather(*self.futures), client.timeout_s)
         except TimeoutError as exc:
-            raise EPError(f"no reply from expert workers within {self.timeout_s}s "
-                          f"(layer {layer_id}, step {step_id})", "DEADLINE_EXCEEDED") from exc
+            raise EPError(f"no reply from expert workers within {client.timeout_s}s "
+                          f"(layer {layer_id}, step {self.step_id})", "DEADLINE_EXCEEDED") from exc
         t_decode = time.perf_counter()
+        x = self.x
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
-        for share, reply in zip(shares, replies, strict=True):
+        replies = []
+        for share, timing, (reply, t_reply) in zip(self.shares, self.workers, arrived,
+                                                   strict=True):
+            timing.reply, timing.compute_s = t_reply, reply.compute_seconds
+            replies.append(reply)
             if reply.HasField("error"):
                 raise EPError(f"expert worker {share.worker} rejected layer {layer_id}: "
                               f"{reply.error.code} {reply.error.message}", reply.error.code,
                               share.worker)
             out[share.rows] += decode(from_proto(reply.combined), torch.float32)
         done = time.perf_counter()
-        SERIALIZE_SECONDS.inc(serialize + done - t_decode)
+        self.t_combine, self.t_done = t_decode, done
+        SERIALIZE_SECONDS.inc(self.serialize_s + done - t_decode)
         WORKER_COMPUTE_SECONDS.inc(max((r.compute_seconds for r in replies), default=0.0))
-        DISPATCH_SECONDS.observe(done - t_start)
-        return out.to(x.device)
+        DISPATCH_SECONDS.observe(done - self.t_start)
+        self._out = out.to(x.device)
+        return self._out
+
+    @property
+    def t_sent(self) -> float:
+        """Every request was out by then (each worker's sent_by, at the latest)."""
+        return max((w.sent_by for w in self.workers), default=self.t_written)
+
+    @property
+    def last_worker(self) -> WorkerTiming | None:
+        """The worker whose reply came last, the one the combine waited for (None before
+        result(), or with no shares). Its reply is at or after t_sent."""
+        done = [w for w in self.workers if w.reply is not None]
+        return max(done, key=lambda w: w.reply) if done else None
 
 
 def table_from_infos(infos: list[expert_pb2.WorkerInfo]) -> PlacementTable:

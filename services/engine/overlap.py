@@ -9,8 +9,10 @@ Each micro-batch is a coroutine walking the layers. Its ops, per layer:
   ATTN-1   core attention, output projection, residual (+ for a MoE layer: post-attention
            norm and gate)
   FFN      (dense layer) the MLP
-  DISPATCH (MoE layer) the routed experts on the expert workers: ExpertClient.dispatch, on
-           the event loop, asynchronous
+  DISPATCH (MoE layer) the routed experts on the expert workers: ExpertClient.start_dispatch
+           then PendingDispatch.result(), on the event loop, asynchronous; traced on the
+           micro-batch's communication track as DISPATCH (send), MLP (the last-replying
+           worker's compute) and COMBINE (decoding and adding the replies)
   SHARED   the shared expert
   COMBINE  residual + routed + shared, once the replies are back.
 A "hop" is one hand-over to the compute thread. One hop runs everything up to the next
@@ -214,12 +216,21 @@ class OverlappedStep:
         return carry
 
     async def _dispatch(self, mb: MicroBatch, micro_batch: int, layer: int, carry: _Carry):
-        t0 = time.perf_counter()
-        routed = await self.client.dispatch(self.step_id, micro_batch, layer, carry.x, carry.ids,
-                                            carry.weights)
+        start = getattr(self.client, "start_dispatch", None)
+        if start is None:  # a stand-in client with only dispatch(): one span, the round trip
+            t0 = time.perf_counter()
+            routed = await self.client.dispatch(self.step_id, micro_batch, layer, carry.x,
+                                                carry.ids, carry.weights)
+            if self.tracer is not None:
+                self.tracer.span(comm_track(mb.index), "DISPATCH", t0, time.perf_counter(),
+                                 mb=mb.index, layer=layer, step=self.step_id,
+                                 tokens=mb.hi - mb.lo)
+            return routed
+        pending = await start(self.step_id, micro_batch, layer, carry.x, carry.ids, carry.weights)
+        routed = await pending.result()
         if self.tracer is not None:
-            self.tracer.span(comm_track(mb.index), "DISPATCH", t0, time.perf_counter(),
-                             mb=mb.index, layer=layer, step=self.step_id, tokens=mb.hi - mb.lo)
+            trace_dispatch(self.tracer, comm_track(mb.index), pending, mb=mb.index, layer=layer,
+                           step=self.step_id, tokens=mb.hi - mb.lo)
         return routed
 
     async def _run(self, mb: MicroBatch, micro_batch: int) -> torch.Tensor:
@@ -265,6 +276,25 @@ class OverlappedStep:
                 for mb in self.parts]
         hs = await _all_or_first_error(runs)
         return await self._hop(-1, _logits_op, self.model, hs, self.batch.last_token_indices())
+
+
+def trace_dispatch(tracer: ChromeTrace, track: str, pending, **args) -> None:
+    """A finished dispatch's three spans on `track`, in order and not overlapping (see
+    trace.py): DISPATCH (routing, encoding, writing every share), MLP (the compute reported by
+    the worker whose reply came last, placed to end at that reply's arrival), COMBINE
+    (decoding and adding the replies)."""
+    t_sent = pending.t_sent
+    tracer.span(track, "DISPATCH", pending.t_start, t_sent, workers=len(pending.workers), **args)
+    last = pending.last_worker
+    if last is not None:
+        # the worker's clock is never compared with ours: only its measured duration is used,
+        # subtracted from the reply's arrival here; kept after DISPATCH's end (spans on one
+        # thread must nest), the args keep the reported times
+        t1 = last.reply
+        tracer.span(track, "MLP", max(t1 - last.compute_s, t_sent), t1, worker=last.worker,
+                    compute_s=round(last.compute_s, 6),
+                    worker_compute_s=[round(w.compute_s, 6) for w in pending.workers], **args)
+    tracer.span(track, "COMBINE", pending.t_combine, pending.t_done, **args)
 
 
 def _embed(model, input_ids, positions):

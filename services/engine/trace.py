@@ -3,12 +3,30 @@
 Layout, like DeepSeek's published overlap profiles: one process per attention instance with
 - thread "compute": every torch op the compute thread runs, one span per micro-batch per layer
   per operation (EMBED, ATTN-0, ATTN-1, FFN (dense layers), SHARED, COMBINE, LOGITS);
-- threads "communication mb0" / "communication mb1": one DISPATCH span per micro-batch per
-  MoE layer, from issuing the dispatch until its combined output is back (the send, the remote
-  experts' MLP and the combine transfer: the EP client does not time its halves);
+- threads "communication mb0" / "communication mb1": per micro-batch per MoE layer
+  - DISPATCH: routing, encoding and writing every worker's share to its stream
+    (ExpertClient.start_dispatch) until every request was out: per worker the earlier of
+    gRPC's write completion and its reply's arrival (the poller may report a write done only
+    after its reply is in, and a reply proves its request was sent);
+  - MLP: the remote experts, on the worker the combine waited for (the one whose reply came
+    last): the compute time it reported (DispatchResponse.compute_seconds), placed to end when
+    its reply arrived here: [reply - compute_seconds, reply]. The worker's clock is never
+    compared with this one: only its measured duration is used, subtracted from a local
+    arrival time. So the span has the true length but sits as late as it can: the worker
+    really finished earlier by the reply's encoding and transfer back, which the trace cannot
+    separate. It is kept from starting before DISPATCH ends (spans on a thread must nest), so
+    it can show shorter than the reported time; its args keep that (`compute_s`, `worker`)
+    and every worker's (`worker_compute_s`, share order);
+  - COMBINE: decoding the replies and adding them, once the last one is in (PendingDispatch.
+    result()). The compute thread's COMBINE is a different op: residual + routed + shared.
+  The gaps are the wire and the workers' queues: DISPATCH end -> MLP start is the request's
+  transfer, the worker's decoding and queueing and the reply's transfer back; MLP end ->
+  COMBINE start is the event loop getting back to the dispatch. A stand-in
+  client with only dispatch() gets one DISPATCH span for the whole round trip;
 - thread "steps": one span per forward (phase, tokens, micro-batches, plan version).
 Two micro-batches' dispatches overlap in time, so each has its own communication thread
-(complete events on one thread must nest). Timestamps are time.perf_counter() in microseconds.
+(complete events on one thread must nest). Timestamps are time.perf_counter() in microseconds,
+all taken in this process.
 
 Recording is bounded (`max_events`; later spans are counted, not kept) and thread-safe
 (list.append); write() replaces the file atomically, so a reader never sees half a trace.

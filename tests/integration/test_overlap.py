@@ -6,7 +6,8 @@ prompt split between the micro-batches), requests leaving at different steps, an
 joining mid-stream (their prefill in the same step as the others' decode). A plan changed
 mid-run through NATS KV (adopted by the PlanWatcher) changes no output and never applies
 within a step. A trace file is valid Chrome-trace JSON with the compute and communication
-tracks and a span per micro-batch per layer per operation.
+tracks and a span per micro-batch per layer per operation (on the communication tracks
+DISPATCH, the worker's MLP and COMBINE, in that order), with overlap on and off.
 """
 
 from __future__ import annotations
@@ -262,31 +263,63 @@ def test_plan_changed_through_nats_mid_run_changes_no_output(setup, tmp_path):
     assert len(set(used)) >= 5 and adopted >= 5, used
 
 
-def test_trace_file_has_the_tracks_and_spans(setup, tmp_path):
+COMM_OPS = ("DISPATCH", "MLP", "COMBINE")
+
+
+def _trace_run(setup, path, plan):
     cfg = setup["cfg"]
     reqs = make_requests(cfg.vocab_size, (13, 4, 9), (3, 3, 3), seed=404, tag="t")
-    path = tmp_path / "trace.json"
 
     async def run():
         client = await ExpertClient.connect(setup["endpoints"])
         try:
             engine = EPEngine(setup["attn"], client, tracer=ChromeTrace(path, "decode test"))
-            completions, stats = await _generate(engine, reqs, BALANCED)
+            completions, stats = await _generate(engine, reqs, plan)
             engine.tracer.write()
             return stats
         finally:
             await client.close()
 
     stats = asyncio.run(run())
-    doc = json.loads(path.read_text())
-    events = doc["traceEvents"]
+    events = json.loads(path.read_text())["traceEvents"]
     threads = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
-    assert {"compute", "communication mb0", "communication mb1", "steps"} <= set(threads.values())
     spans = [e for e in events if e["ph"] == "X"]
     assert all(e["dur"] >= 0 and "ts" in e for e in spans)
     by_track = {}
     for e in spans:
         by_track.setdefault(threads[e["tid"]], []).append(e)
+    return stats, threads, by_track
+
+
+def _check_comm_spans(cfg, by_track, mb, steps):
+    """DISPATCH, MLP, COMBINE once per step per MoE layer on the micro-batch's communication
+    track, in that order without overlapping; returns each dispatch's [start, end]."""
+    eps = 0.01  # microseconds: ts and dur are rounded separately
+    spans = {}
+    for e in by_track[f"communication mb{mb}"]:
+        key = (e["args"]["step"], e["args"]["layer"], e["name"])
+        assert key not in spans, key
+        assert e["args"]["mb"] == mb
+        spans[key] = (e["ts"], e["ts"] + e["dur"], e["args"])
+    assert set(spans) == {(s, layer, op) for s in steps for layer in cfg.moe_layer_ids
+                          for op in COMM_OPS}
+    trips = []
+    for step in steps:
+        for layer in cfg.moe_layer_ids:
+            (d0, d1, _), (m0, m1, margs), (c0, c1, _) = (spans[(step, layer, op)]
+                                                         for op in COMM_OPS)
+            assert d0 <= d1 <= m0 + eps and m0 <= m1 <= c0 + eps and c0 <= c1, (step, layer)
+            # the worker's reported compute; the span shows it unless clamped at DISPATCH's end
+            assert margs["compute_s"] > 0 and margs["compute_s"] in margs["worker_compute_s"]
+            assert m1 - m0 <= margs["compute_s"] * 1e6 + 0.5 + eps  # compute_s: 6 decimals
+            trips.append((d0, c1))
+    return trips
+
+
+def test_trace_file_has_the_tracks_and_spans(setup, tmp_path):
+    cfg = setup["cfg"]
+    stats, threads, by_track = _trace_run(setup, tmp_path / "trace.json", BALANCED)
+    assert {"compute", "communication mb0", "communication mb1", "steps"} <= set(threads.values())
     steps = {e["args"]["step"] for e in by_track["compute"] if "step" in e.get("args", {})}
     assert len(by_track["steps"]) == len(stats) == len(steps) == 3
     moe, dense = cfg.moe_layer_ids, [i for i in range(cfg.num_hidden_layers) if i not in cfg.moe_layer_ids]
@@ -299,14 +332,21 @@ def test_trace_file_has_the_tracks_and_spans(setup, tmp_path):
                         ("COMBINE", mb, layer)} <= have
             for layer in dense:
                 assert {("ATTN-0", mb, layer), ("ATTN-1", mb, layer), ("FFN", mb, layer)} <= have
-            comm = {(e["name"], e["args"]["layer"]) for e in by_track[f"communication mb{mb}"]
-                    if e["args"]["step"] == step}
-            assert comm == {("DISPATCH", layer) for layer in moe}
+    mb0_trips = _check_comm_spans(cfg, by_track, 0, steps)
+    _check_comm_spans(cfg, by_track, 1, steps)
     # the point of it all: some of micro-batch 1's compute ran while micro-batch 0's dispatch
     # was in flight
-    mb0_dispatch = [(e["ts"], e["ts"] + e["dur"]) for e in by_track["communication mb0"]]
     mb1_compute = [(e["ts"], e["ts"] + e["dur"]) for e in by_track["compute"] if e["args"]["mb"] == 1]
-    assert any(a0 < b1 and a1 < b0 for a0, b0 in mb0_dispatch for a1, b1 in mb1_compute)
+    assert any(a0 < b1 and a1 < b0 for a0, b0 in mb0_trips for a1, b1 in mb1_compute)
+
+
+def test_trace_without_overlap_has_the_same_communication_spans(setup, tmp_path):
+    stats, threads, by_track = _trace_run(setup, tmp_path / "trace.json", OFF)
+    assert all(s.micro_batches == 1 for s in stats)
+    assert "communication mb1" not in threads.values()
+    steps = {e["args"]["step"] for e in by_track["compute"] if "step" in e.get("args", {})}
+    assert len(steps) == 3
+    _check_comm_spans(setup["cfg"], by_track, 0, steps)
 
 
 def test_cluster_spec_overlap_and_link_flags(tiny_model_dir):
@@ -381,5 +421,8 @@ def test_epserve_up_with_link_proxies_plan_and_traces(tiny_model_dir, tmp_path):
     assert stats["latency_ms"] == 1.0 and stats["bytes"]["upstream"] > 0
     for name in ("prefill-0", "decode-0"):
         events = json.loads((tmp_path / "traces" / f"{name}.json").read_text())["traceEvents"]
-        dispatches = [e for e in events if e["name"] == "DISPATCH"]
-        assert {e["args"]["mb"] for e in dispatches} == {0, 1}, name
+        comm = {e["tid"] for e in events if e["name"] == "thread_name"
+                and e["args"]["name"].startswith("communication")}
+        for op in COMM_OPS:
+            spans = [e for e in events if e["ph"] == "X" and e["tid"] in comm and e["name"] == op]
+            assert {e["args"]["mb"] for e in spans} == {0, 1}, (name, op)
