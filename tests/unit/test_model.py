@@ -34,6 +34,21 @@ def test_absorbed_decode_equals_expanded(tiny_model_dir):
     assert (fast - naive).abs().max() < 1e-4
 
 
+def test_batched_prefill_equals_one_sequence_at_a_time(tiny_model_dir):
+    """Sequences of equal shape are attended as one batch; each still sees only itself."""
+    model = load_model(tiny_model_dir)
+    prompts = [[3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14], [15, 16]]
+
+    def prefill(ps):
+        cache = LatentKVCache(model.cfg.num_hidden_layers, model.cfg.latent_dim, 16, 16)
+        b = cache.batch([SeqChunk(str(i), 0, len(p)) for i, p in enumerate(ps)])
+        return model(torch.tensor([t for p in ps for t in p]), b, cache.layers, all_logits=True)
+
+    together = prefill(prompts)
+    alone = torch.cat([prefill([p]) for p in prompts])
+    assert (together - alone).abs().max() < 1e-5
+
+
 def test_split_experts_sum_to_all_experts(tiny_model_dir):
     """Two processes holding half the experts each give the full MoE output up to rounding."""
     full = load_model(tiny_model_dir)
