@@ -109,7 +109,17 @@ class _WorkerStream:
         fut = asyncio.get_running_loop().create_future()
         async with self.write_lock:
             self.pending.append(fut)
-            await self.call.write(req)
+            try:
+                await self.call.write(req)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                # The stream died under the write (the worker went away): the same clear
+                # EPError as a failed read, never a raw gRPC error or a hang.
+                err = self.broken or EPError(
+                    f"expert worker {self.rank} ({self.target}) failed: {exc}",
+                    exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "UNAVAILABLE",
+                    self.rank)
+                self._fail(err)
+                raise err from exc
         size = req.ByteSize()
         self.bytes_sent += size
         WIRE_BYTES.labels(direction="sent").inc(size)

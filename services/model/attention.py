@@ -22,8 +22,8 @@ from services.model.rope import RotaryEmbedding, softmax_scale
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache rows at slots [..., L] -> [..., L, r+p]; index_select is several times cheaper than
-    advanced indexing on a CPU, and the latents are read once per layer per step."""
+    """cache rows at slots [..., L] -> [..., L, r+p]. index_select, not cache[slots]: on a CPU
+    advanced indexing costs several times more for the same copy."""
     rows = cache.index_select(0, slots.reshape(-1).to(cache.device))
     return rows.view(*slots.shape, cache.shape[-1])
 
@@ -123,7 +123,7 @@ class MLAttention(nn.Module):
         latent = _gather(cache, slots).to(q_nope.dtype)  # [B, L, r+p], laid out [c | k_pe]
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [h, n, r], [h, v, r]
-        # Batched matmuls over the head axis (einsum would pick the same, after a plan per call).
+        # bmm, not einsum: the same matmuls without einsum's planning on every call.
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, h, r]
         # q_lat.c + q_pe.k_pe is one dot product of [q_lat | q_pe] with the cached row.
         q = torch.cat([q_lat, q_pe], dim=-1)  # [B, h, r+p]

@@ -146,7 +146,7 @@ class ExpertBank(nn.Module):
         else:
             contrib = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)
             contrib.index_copy_(0, entries, y)
-        return torch.bmm(weights.float().view(T, 1, K), contrib.view(T, K, H)).view(T, H)
+        return torch.bmm(weights.float().reshape(T, 1, K), contrib.view(T, K, H)).view(T, H)
 
     def _looped(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """h [N, H]: entries sorted by expert, counts[e] of them for expert e. One matmul pair
