@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from services.common.errors import CliError
+from services.common.logging import configure_logging
 
 COMMAND_MODULES = (
     "services.model.cli",  # make-model
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Library logs go to stderr, warnings and up, so that stdout carries only a command's own
+    # output (`generate --json` stays parseable); `serve` reconfigures for its service.
+    configure_logging("epserve", level="warning")
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
