@@ -161,15 +161,17 @@ class RequestFlow:
 
     async def _open_decode(self, req: ValidRequest, sampling, deadline: float):
         rid, avoid = req.request_id, set()
-        last_error = ""
+        last_error, last_code = "", None
         for _ in range(self.decode_attempts):
             eligible = self.view.eligible(DECODE, self.clock())
             try:
                 inst = self.chooser.choose_decode(eligible, len(req.prompt_ids),
                                                   req.sampling.max_tokens, avoid)
             except NoInstance as exc:
+                # Every instance refused: pass on why (a request that does not fit stays
+                # RESOURCE_EXHAUSTED); none serving at all is UNAVAILABLE.
                 detail = f"{exc}; {self.view.describe(DECODE, self.clock())}"
-                raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
+                raise RequestFailed(last_code or grpc.StatusCode.UNAVAILABLE,
                                     f"{rid}: {detail}{last_error}") from exc
             # Recorded before the first await: concurrent requests must see each other's
             # choice, or they all pick the same instance between two heartbeats.
@@ -190,6 +192,7 @@ class RequestFlow:
                          reason=exc.details())
                 avoid.add(inst.instance_id)
                 last_error = f" (last refusal: {inst.instance_id}: {exc.details()})"
+                last_code = exc.code()
                 continue
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "accepted":
                 call.cancel()
@@ -197,7 +200,7 @@ class RequestFlow:
                 raise RequestFailed(grpc.StatusCode.INTERNAL,
                                     f"{rid}: decode {inst.instance_id} did not accept the request")
             return call, inst.instance_id, inst.endpoint
-        raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+        raise RequestFailed(last_code or grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"{rid}: every decode instance tried refused the request{last_error}")
 
     async def _prefill(self, req: ValidRequest, sampling, decode_endpoint: str, deadline: float,

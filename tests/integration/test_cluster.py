@@ -34,11 +34,16 @@ from services.model.tokenizer import Tokenizer
 from services.protos_gen.epserve.v1 import control_pb2, inference_pb2
 from tests.integration.cluster_helpers import reference, run_remote, start, workload
 
+# The decode instance's KV cache: 6 blocks of 64 tokens, less than one 512-token context, so
+# the tests below can fill it: requests wait for room, and one that can never fit is refused.
+KV_BLOCKS = 6
+
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
     c = start(ClusterSpec(model=str(tiny_model_dir), prefill=1, decode=1, expert_workers=2,
-                          redundant_experts=2, max_inflight=16, http_port=0))
+                          redundant_experts=2, max_inflight=16, http_port=0,
+                          kv_blocks=KV_BLOCKS))
     yield c
     c.stop()
 
@@ -214,7 +219,7 @@ def test_cancellation_frees_the_decode_slot(cluster):
         async with InferenceClient(cluster.router_endpoint) as client:
             req = inference_pb2.GenerateRequest(
                 request_id="to-cancel", prompt="a long one",
-                sampling=sampling_proto(SamplingParams(max_tokens=400, ignore_eos=True)))
+                sampling=sampling_proto(SamplingParams(max_tokens=300, ignore_eos=True)))
             call = client.stream(req, timeout=60)
             seen = 0
             async for resp in call:
@@ -244,7 +249,7 @@ def test_admission_control_refuses_beyond_the_bound(cluster, tiny_model_dir, tmp
 
         async def go():
             async with InferenceClient(f"127.0.0.1:{port}") as client:
-                long = SamplingParams(max_tokens=300, ignore_eos=True)
+                long = SamplingParams(max_tokens=100, ignore_eos=True)  # 2 blocks each
                 calls = []
                 for i in range(2):
                     call = client.stream(inference_pb2.GenerateRequest(
@@ -266,6 +271,27 @@ def test_admission_control_refuses_beyond_the_bound(cluster, tiny_model_dir, tmp
         assert len(after.token_ids) == 2
     finally:
         assert router.stop() == 0
+
+
+def test_decode_kv_budget_waits_for_room_and_refuses_what_never_fits(cluster):
+    async def go():
+        async with InferenceClient(cluster.router_endpoint) as client:
+            # 3 blocks each (10 + 170 tokens): two fit at once, the third waits for room.
+            big = SamplingParams(max_tokens=170, ignore_eos=True)
+            done = await asyncio.gather(*(
+                client.generate(f"kv-{i}", prompt_ids=[5 + i] * 10, params=big)
+                for i in range(3)))
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # 8 blocks > the 6 there are
+                await client.generate("kv-huge", prompt_ids=[5] * 10,
+                                      params=SamplingParams(max_tokens=450, ignore_eos=True))
+            return done, err.value
+
+    done, err = asyncio.run(go())
+    assert [len(c.token_ids) for c in done] == [170] * 3
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"needs 8 KV blocks; this instance has {KV_BLOCKS}" in err.details()
+    m = _decode_metrics(cluster)
+    assert m["epserve_decode_kv_blocks_reserved"] == 0
 
 
 def test_one_usage_record_per_request(cluster, workload_and_reference):
