@@ -9,6 +9,7 @@ The destructive tests run last (pytest keeps file order).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import time
@@ -187,6 +188,23 @@ def test_openai_http_api_matches_grpc_and_the_reference(cluster, workload_and_re
     assert events[-1] == "[DONE]"
     text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
     assert text == json.loads(whole)["choices"][0]["message"]["content"]
+
+
+def test_openai_http_client_going_away_frees_the_decode_slot(cluster):
+    cancelled = 'epserve_decode_requests_total{outcome="cancelled"}'
+    before = _decode_metrics(cluster).get(cancelled, 0)
+    host, port = cluster.http_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"prompt": "go away", "max_tokens": 300, "ignore_eos": True, "stream": True}),
+        {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.read(60).startswith(b"data: ")  # streaming has begun
+    conn.close()
+    _wait_for(lambda: _decode_metrics(cluster)["epserve_decode_running_requests"] == 0,
+              what="the decode slot to be freed after the HTTP client left")
+    assert _decode_metrics(cluster)[cancelled] == before + 1  # cut short, not run to the end
 
 
 @pytest.mark.parametrize("body, fragment", [
