@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+import structlog
 
 from services.model.checkpoint_gen import make_model
 
@@ -17,3 +19,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mini_model_dir(tmp_path_factory) -> Path:
     return make_model("v3-mini", tmp_path_factory.mktemp("v3mini"), seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging_config():
+    """Tests that run the CLI in-process configure logging globally (level, stream); undo it
+    so that the next test sees structlog's defaults (e.g. capture_logs sees info events)."""
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_epserve", False)]:
+        root.removeHandler(handler)

@@ -56,7 +56,7 @@ def configure_logging(
     if level.lower() not in LEVELS:
         raise ValueError(f"log level must be one of {sorted(LEVELS)}, got {level!r}")
     numeric_level = LEVELS[level.lower()]
-    out = stream if stream is not None else sys.stderr
+    out = stream if stream is not None else _CurrentStderr()
     use_json = json if json is not None else not _is_tty(out)
 
     renderer: structlog.types.Processor
@@ -107,6 +107,20 @@ def bind_request(request_id: str, **kw: Any) -> Iterator[None]:
     """
     with structlog.contextvars.bound_contextvars(request_id=request_id, **kw):
         yield
+
+
+class _CurrentStderr:
+    """sys.stderr looked up at every write, not once: whoever swaps sys.stderr later (a test
+    runner capturing output) never leaves the logger writing to a closed file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 def _is_tty(stream: IO[str]) -> bool:
