@@ -183,6 +183,10 @@ class RequestFlow:
                 timeout=max(0.001, deadline - self.clock()))
             try:
                 first = await call.read()
+            except asyncio.CancelledError:  # the client left while we waited for the decision
+                call.cancel()
+                self.chooser.decode_finished(rid)
+                raise
             except grpc.aio.AioRpcError as exc:
                 self.chooser.decode_finished(rid)
                 if exc.code() not in DECODE_REFUSALS:
