@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.common.sampling_proto import params_to_proto
 from services.engine.sampling import SamplingParams
 from services.protos_gen.epserve.v1 import inference_pb2, inference_pb2_grpc
 
@@ -31,17 +32,6 @@ class RemoteCompletion:
         if len(self.token_times) < 2:
             return 0.0
         return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
-
-
-def sampling_proto(p: SamplingParams) -> inference_pb2.SamplingParams:
-    out = inference_pb2.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature,
-                                       top_k=p.top_k, stop_token_ids=list(p.stop_token_ids),
-                                       ignore_eos=p.ignore_eos)
-    if p.top_p != 1.0:
-        out.top_p = p.top_p
-    if p.seed is not None:
-        out.seed = p.seed
-    return out
 
 
 class InferenceClient:
@@ -72,7 +62,7 @@ class InferenceClient:
         req = inference_pb2.GenerateRequest(
             request_id=request_id, model=model, prompt=prompt, prompt_ids=prompt_ids or [],
             messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages or ()],
-            sampling=sampling_proto(params or SamplingParams()))
+            sampling=params_to_proto(params or SamplingParams()))
         out = RemoteCompletion(request_id)
         t0 = time.perf_counter()
         pieces = []

@@ -7,6 +7,7 @@ import time
 import grpc
 import structlog
 
+from services.common.channels import Channels
 from services.common.logging import bind_request
 from services.common.sampling_proto import params_from_proto
 from services.engine.ep_client import EPError
@@ -16,8 +17,6 @@ from services.prefill.core import PrefillCore, QueueFull
 from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
 
 log = structlog.get_logger("prefill")
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", 512 << 20),
-                   ("grpc.max_receive_message_length", 512 << 20)]
 
 
 class PrefillServicer(serving_pb2_grpc.PrefillServicer):
@@ -25,12 +24,10 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
                  chunk_bytes: int) -> None:
         self.core, self.instance_id = core, instance_id
         self.transfer_timeout_s, self.chunk_bytes = transfer_timeout_s, chunk_bytes
-        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.channels = Channels(512 << 20)
 
     def _decode_stub(self, endpoint: str) -> serving_pb2_grpc.DecodeStub:
-        if endpoint not in self.channels:
-            self.channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-        return serving_pb2_grpc.DecodeStub(self.channels[endpoint])
+        return serving_pb2_grpc.DecodeStub(self.channels.get(endpoint))
 
     async def Prefill(self, request, context):  # noqa: N802 (gRPC naming)
         rid = request.request_id
@@ -82,5 +79,4 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
                 transfer_seconds=transfer, kv_bytes=ack.bytes)
 
     async def close(self) -> None:
-        for ch in self.channels.values():
-            await ch.close()
+        await self.channels.close()

@@ -19,6 +19,7 @@ import grpc
 import structlog
 
 from services.common import subjects
+from services.common.channels import Channels
 from services.common.control import connect, ensure_usage_stream
 from services.common.health import add_health
 from services.common.heartbeat import HeartbeatPublisher
@@ -32,7 +33,7 @@ from services.router import metrics
 from services.router.admission import Admission
 from services.router.choice import InstanceChooser
 from services.router.config import RouterConfig
-from services.router.flow import Channels, RequestFlow
+from services.router.flow import RequestFlow
 from services.router.instances import DECODE, PREFILL, ROLES, InstanceReport, InstanceView
 from services.router.openai_http import OpenAIHttp
 from services.router.server import Gateway, RouterServicer
@@ -40,15 +41,13 @@ from services.router.usage import UsagePublisher
 from services.router.validation import ModelLimits
 
 log = structlog.get_logger("router")
-STATE_NAMES = {control_pb2.STATE_STARTING: "starting", control_pb2.STATE_SERVING: "serving",
-               control_pb2.STATE_DRAINING: "draining", control_pb2.STATE_DEAD: "dead"}
 
 
 def report_from(hb: control_pb2.Heartbeat) -> InstanceReport:
     load = hb.load
     return InstanceReport(
         instance_id=hb.instance_id, role=subjects.ROLE_NAMES.get(hb.role, ""),
-        endpoint=hb.endpoint, state=STATE_NAMES.get(hb.state, "starting"),
+        endpoint=hb.endpoint, state=subjects.STATE_NAMES.get(hb.state, "starting"),
         queued_tokens=load.queued_tokens, attention_cost=load.attention_cost,
         running_requests=load.running_requests, kv_blocks_in_use=load.kv_blocks_in_use,
         kv_blocks_total=load.kv_blocks_total)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
+from services.common.channels import Channels
 from services.common.sampling_proto import params_to_proto
 from services.model.detokenizer import IncrementalDetokenizer
 from services.model.tokenizer import Tokenizer
@@ -31,8 +32,6 @@ from services.router.sequence import SequenceError, TokenSequenceChecker
 from services.router.validation import ValidRequest
 
 log = structlog.get_logger("router")
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
-                   ("grpc.max_send_message_length", 64 << 20)]
 # Codes with which an instance says "not me, not now": try another one.
 DECODE_REFUSALS = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 PREFILL_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
@@ -57,24 +56,6 @@ class Outcome:
     prefill_instance: str = ""
     decode_instance: str = ""
     started_at: float = field(default_factory=time.time)
-
-
-class Channels:
-    """One gRPC channel per instance endpoint, reused across requests."""
-
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def get(self, endpoint: str) -> grpc.aio.Channel:
-        if endpoint not in self._channels:
-            self._channels[endpoint] = grpc.aio.insecure_channel(endpoint,
-                                                                 options=CHANNEL_OPTIONS)
-        return self._channels[endpoint]
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
 
 
 class RequestFlow:

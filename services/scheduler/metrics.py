@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from services.common.subjects import ROLE_NAMES
+from services.common.subjects import ROLE_NAMES, STATE_NAMES
 from services.protos_gen.epserve.v1 import control_pb2
-
-STATE_NAMES = {control_pb2.STATE_STARTING: "starting", control_pb2.STATE_SERVING: "serving",
-               control_pb2.STATE_DRAINING: "draining", control_pb2.STATE_DEAD: "dead"}
 
 
 class SchedulerMetrics:

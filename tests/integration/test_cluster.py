@@ -20,7 +20,7 @@ import grpc
 import nats
 import pytest
 
-from services.client import InferenceClient, sampling_proto
+from services.client import InferenceClient
 from services.cluster import ClusterSpec
 from services.common import subjects
 from services.common.control import kv_get
@@ -28,6 +28,7 @@ from services.common.health import check_health
 from services.common.metrics_http import scrape_metrics
 from services.common.ports import free_port
 from services.common.procs import ServiceProcess
+from services.common.sampling_proto import params_to_proto
 from services.engine.compare import assert_same_greedy
 from services.engine.sampling import SamplingParams
 from services.model.config import ModelConfig
@@ -237,7 +238,7 @@ def test_cancellation_frees_the_decode_slot(cluster):
         async with InferenceClient(cluster.router_endpoint) as client:
             req = inference_pb2.GenerateRequest(
                 request_id="to-cancel", prompt="a long one",
-                sampling=sampling_proto(SamplingParams(max_tokens=300, ignore_eos=True)))
+                sampling=params_to_proto(SamplingParams(max_tokens=300, ignore_eos=True)))
             call = client.stream(req, timeout=60)
             seen = 0
             async for resp in call:
@@ -271,7 +272,7 @@ def test_admission_control_refuses_beyond_the_bound(cluster, tiny_model_dir, tmp
                 calls = []
                 for i in range(2):
                     call = client.stream(inference_pb2.GenerateRequest(
-                        request_id=f"hold-{i}", prompt="x", sampling=sampling_proto(long)))
+                        request_id=f"hold-{i}", prompt="x", sampling=params_to_proto(long)))
                     await call.read()  # admitted and streaming
                     calls.append(call)
                 with pytest.raises(grpc.aio.AioRpcError) as err:
