@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 protos: install
-	$(BIN)/python -m services.common.codegen
+	$(BIN)/python -m services.local.codegen
 
 $(MODEL_DIR)/config.json: | install
 	$(BIN)/epserve make-model --preset v3-mini --out $(MODEL_DIR)
 
 run: install $(MODEL_DIR)/config.json
-	$(BIN)/python -m services.demo --model $(MODEL_DIR)
+	$(BIN)/python -m services.local.demo --model $(MODEL_DIR)
 
 test: install
 	$(BIN)/ruff check services tests bench

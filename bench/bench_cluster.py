@@ -46,11 +46,11 @@ from dataclasses import dataclass, field
 import torch
 
 from services.client import InferenceClient, RemoteCompletion
-from services.cluster import ClusterSpec, LocalCluster
 from services.common.metrics_http import scrape_metrics
-from services.demo import percentile
 from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
+from services.local.cluster import ClusterSpec, LocalCluster
+from services.local.demo import percentile
 from services.model.config import ModelConfig
 from services.model.loader import load_model
 

@@ -21,10 +21,10 @@ import torch
 from services.balance.naive import contiguous_placement
 from services.engine.ep_client import ExpertClient
 from services.engine.ep_engine import EPEngine
-from services.engine.local_workers import LocalExpertWorkers
 from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
 from services.engine.wire import encode
+from services.local.expert_workers import LocalExpertWorkers
 from services.model.config import ModelConfig
 from services.model.deepseek import no_experts
 from services.model.loader import load_model

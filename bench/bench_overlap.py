@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 
 from services.balance.naive import contiguous_placement
-from services.common.link_proxy import send_control_async
 from services.common.logging import configure_logging
-from services.common.ports import free_port
-from services.common.procs import ProcessGroup
 from services.engine.ep_client import ExpertClient
 from services.engine.ep_engine import EPEngine
 from services.engine.kv_cache import LatentKVCache, SeqChunk
-from services.engine.local_workers import LocalExpertWorkers
 from services.engine.microbatch import OverlapSettings
 from services.engine.trace import ChromeTrace
+from services.local.expert_workers import LocalExpertWorkers
+from services.local.link_proxy import send_control_async
+from services.local.ports import free_port
+from services.local.procs import ProcessGroup
 from services.model.config import ModelConfig
 from services.model.deepseek import no_experts
 from services.model.loader import load_model

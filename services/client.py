@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.common.sampling_proto import params_to_proto
 from services.engine.sampling import SamplingParams
+from services.engine.sampling_proto import params_to_proto
 from services.protos_gen.epserve.v1 import inference_pb2, inference_pb2_grpc
 
 

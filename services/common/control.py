@@ -1,7 +1,6 @@
 """Control-plane helpers over nats-py: connect, KV buckets, protobuf payloads, topology.
 
-Pure conversion (Topology <-> PlacementTable + endpoints) lives here too so that every service
-reads the table the same way.
+(Topology <-> PlacementTable conversion lives beside the table: services/balance/placement_proto.py.)
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import nats
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
-from services.balance.placement import PlacementTable
 from services.common import subjects
 from services.protos_gen.epserve.v1 import control_pb2
 
@@ -54,23 +52,6 @@ async def kv_get(kv, key: str, message_cls):
     msg = message_cls()
     msg.ParseFromString(entry.value)
     return msg
-
-
-def topology_from(table: PlacementTable, endpoints: list[str]) -> control_pb2.Topology:
-    return control_pb2.Topology(
-        version=table.version, num_workers=table.num_workers,
-        num_logical_experts=table.num_logical_experts, layer_ids=list(table.layer_ids),
-        phy2log=[e for row in table.phy2log for e in row], worker_endpoints=endpoints)
-
-
-def table_from(topo: control_pb2.Topology) -> PlacementTable:
-    layers = list(topo.layer_ids)
-    flat = list(topo.phy2log)
-    if not layers or len(flat) % len(layers):
-        raise ValueError("topology phy2log does not split into its layers")
-    n = len(flat) // len(layers)
-    return PlacementTable(topo.version, topo.num_workers, topo.num_logical_experts, tuple(layers),
-                          tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(layers))))
 
 
 async def wait_for_topology(kv, timeout: float, need_endpoints: bool = True,

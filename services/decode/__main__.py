@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from services.attention.service import AttentionService
 from services.decode import metrics
 from services.decode.config import DecodeConfig
 from services.decode.core import DecodeCore
 from services.decode.server import DecodeServicer, timed_forward
-from services.engine.attention_service import AttentionService
 from services.engine.kv_cache import LatentKVCache
 from services.model.loader import parse_dtype
 from services.protos_gen.epserve.v1 import control_pb2, serving_pb2_grpc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.engine.attention_service import AttentionConfig
+from services.attention.service import AttentionConfig
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ import structlog
 import torch
 
 from services.common.logging import bind_request
-from services.common.sampling_proto import params_from_proto
 from services.decode import metrics
 from services.decode.core import DecodeCore, Rejected
 from services.engine.kv_transfer import KVAssembler, TransferError
+from services.engine.sampling_proto import params_from_proto
 from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
 
 log = structlog.get_logger("decode")

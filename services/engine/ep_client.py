@@ -26,8 +26,8 @@ import torch
 from prometheus_client import Counter, Histogram
 
 from services.balance.placement import PlacementTable
-from services.common.tensor_proto import dtype_to_proto, from_proto, to_proto
 from services.engine.ep_plan import plan_dispatch
+from services.engine.tensor_proto import dtype_to_proto, from_proto, to_proto
 from services.engine.wire import WIRE_MODES, decode, encode
 from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 

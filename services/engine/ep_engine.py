@@ -38,7 +38,7 @@ log = structlog.get_logger("ep_engine")
 class EPEngine:
     """`plan` (an OverlapPlan proto or OverlapSettings: micro_batches, split_policy,
     min_batch_tokens, version) decides one or two micro-batches per step; whoever owns the
-    engine may replace it at any time (services/engine/plan_watch.py does, from NATS), and
+    engine may replace it at any time (services/attention/plan_watch.py does, from NATS), and
     forward() reads it once at its start, so a new plan takes effect at a step boundary.
     `tracer` (a ChromeTrace) records every op of every step when set."""
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from services.common.tensor_proto import dtype_from_proto, dtype_to_proto
+from services.engine.tensor_proto import dtype_from_proto, dtype_to_proto
 from services.engine.wire import WireError, WireTensor, decode, encode
 from services.protos_gen.epserve.v1 import serving_pb2
 

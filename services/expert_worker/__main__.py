@@ -13,8 +13,9 @@ import torch
 
 from services.balance.naive import contiguous_placement
 from services.balance.placement import PlacementTable
+from services.balance.placement_proto import table_from
 from services.common import subjects
-from services.common.control import connect, kv_bucket, table_from, wait_for_topology
+from services.common.control import connect, kv_bucket, wait_for_topology
 from services.common.health import add_health
 from services.common.heartbeat import HeartbeatPublisher
 from services.common.logging import configure_logging

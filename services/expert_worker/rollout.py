@@ -18,8 +18,9 @@ from collections.abc import Callable
 import structlog
 
 from services.balance.placement import PlacementTable
+from services.balance.placement_proto import table_from
 from services.common import subjects
-from services.common.control import kv_get, table_from
+from services.common.control import kv_get
 from services.expert_worker.core import ExpertWorkerCore
 from services.model.loader import load_expert_banks
 from services.protos_gen.epserve.v1 import control_pb2

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import structlog
 
-from services.common.tensor_proto import dtype_from_proto, from_proto, to_proto
+from services.engine.tensor_proto import dtype_from_proto, from_proto, to_proto
 from services.engine.wire import WireError
 from services.expert_worker.core import DispatchInput, DispatchRejected, ExpertWorkerCore
 from services.expert_worker.metrics import WorkerMetrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from services.engine.attention_service import AttentionService
+from services.attention.service import AttentionService
 from services.model.loader import parse_dtype
 from services.prefill import metrics
 from services.prefill.config import PrefillConfig

@@ -9,9 +9,9 @@ import structlog
 
 from services.common.channels import Channels
 from services.common.logging import bind_request
-from services.common.sampling_proto import params_from_proto
 from services.engine.ep_client import EPError
 from services.engine.kv_transfer import kv_chunks
+from services.engine.sampling_proto import params_from_proto
 from services.prefill import metrics
 from services.prefill.core import PrefillCore, QueueFull
 from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc

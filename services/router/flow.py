@@ -21,7 +21,7 @@ import grpc
 import structlog
 
 from services.common.channels import Channels
-from services.common.sampling_proto import params_to_proto
+from services.engine.sampling_proto import params_to_proto
 from services.model.detokenizer import IncrementalDetokenizer
 from services.model.tokenizer import Tokenizer
 from services.protos_gen.epserve.v1 import inference_pb2, serving_pb2, serving_pb2_grpc

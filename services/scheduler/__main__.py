@@ -17,8 +17,9 @@ import grpc
 import structlog
 
 from services.balance.eplb import placement_balancedness
+from services.balance.placement_proto import table_from, topology_from
 from services.common import subjects
-from services.common.control import connect, table_from, topology_from
+from services.common.control import connect
 from services.common.health import add_health
 from services.common.heartbeat import HeartbeatPublisher
 from services.common.logging import configure_logging

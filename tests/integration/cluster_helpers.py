@@ -8,9 +8,9 @@ import asyncio
 import torch
 
 from services.client import InferenceClient, RemoteCompletion
-from services.cluster import ClusterSpec, LocalCluster
 from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
+from services.local.cluster import ClusterSpec, LocalCluster
 from services.model.loader import load_model
 
 

@@ -21,16 +21,16 @@ import nats
 import pytest
 
 from services.client import InferenceClient
-from services.cluster import ClusterSpec
 from services.common import subjects
 from services.common.control import kv_get
 from services.common.health import check_health
 from services.common.metrics_http import scrape_metrics
-from services.common.ports import free_port
-from services.common.procs import ServiceProcess
-from services.common.sampling_proto import params_to_proto
 from services.engine.compare import assert_same_greedy
 from services.engine.sampling import SamplingParams
+from services.engine.sampling_proto import params_to_proto
+from services.local.cluster import ClusterSpec
+from services.local.ports import free_port
+from services.local.procs import ServiceProcess
 from services.model.config import ModelConfig
 from services.model.tokenizer import Tokenizer
 from services.protos_gen.epserve.v1 import control_pb2, inference_pb2

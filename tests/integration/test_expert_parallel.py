@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from services.common.health import check_health
-from services.common.tensor_proto import to_proto
 from services.engine.compare import LOGIT_TOL, assert_same_greedy
 from services.engine.ep_client import EPError, ExpertClient
 from services.engine.ep_engine import EPEngine
-from services.engine.local_workers import LocalExpertWorkers
+from services.engine.tensor_proto import to_proto
 from services.engine.wire import encode
+from services.local.expert_workers import LocalExpertWorkers
 from services.model.config import ModelConfig
 from services.model.deepseek import no_experts
 from services.model.loader import load_model

@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.health import add_health, check_health
-from services.common.link_proxy import ControlServer, LinkProxy, send_control, send_control_async
-from services.common.procs import ServiceProcess
+from services.local.link_proxy import ControlServer, LinkProxy, send_control, send_control_async
+from services.local.procs import ServiceProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -287,7 +287,7 @@ async def test_link_proxy_subcommand_in_its_own_process(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "services.common.cli",
+                "services.cli.local",
                 "link-proxy",
                 "--listen",
                 "127.0.0.1:0",

@@ -10,8 +10,8 @@ import sys
 import nats
 import pytest
 
-from services.common.nats_server import NatsServer, find_nats_server_binary
-from services.common.procs import ServiceProcess
+from services.local.nats_server import NatsServer, find_nats_server_binary
+from services.local.procs import ServiceProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -119,7 +119,7 @@ async def test_nats_server_subcommand_runs_until_sigterm(tmp_path):
         [
             sys.executable,
             "-m",
-            "services.common.cli",
+            "services.cli.local",
             "nats-server",
             "--port",
             "0",

@@ -19,20 +19,20 @@ import os
 import pytest
 import torch
 
+from services.attention.plan_watch import PlanWatcher
 from services.common import subjects
 from services.common.control import connect, kv_bucket
-from services.common.nats_server import NatsServer
 from services.engine.compare import assert_same_greedy
 from services.engine.ep_client import ExpertClient
 from services.engine.ep_engine import EPEngine
 from services.engine.kv_cache import LatentKVCache, SeqChunk
-from services.engine.local_workers import LocalExpertWorkers
 from services.engine.microbatch import OverlapSettings
-from services.engine.plan_watch import PlanWatcher
 from services.engine.reference import GenerationLoop, GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams, sample_token
 from services.engine.sequence import Sequence
 from services.engine.trace import ChromeTrace
+from services.local.expert_workers import LocalExpertWorkers
+from services.local.nats_server import NatsServer
 from services.model.config import ModelConfig
 from services.model.deepseek import no_experts
 from services.model.loader import load_model
@@ -352,8 +352,8 @@ def test_trace_without_overlap_has_the_same_communication_spans(setup, tmp_path)
 def test_cluster_spec_overlap_and_link_flags(tiny_model_dir):
     """What `epserve up --micro-batches/--split-policy/--min-batch-tokens/--link-latency-ms`
     turn into (no processes started)."""
-    from services.cluster import ClusterSpec, free_port_on_both, proxy_host
-    from services.up_cli import add_cluster_args, spec_from
+    from services.cli.up import add_cluster_args, spec_from
+    from services.local.cluster import ClusterSpec, free_port_on_both, proxy_host
 
     assert ClusterSpec(model="m").scheduler_plan_args() == []
     spec = ClusterSpec(model="m", micro_batches=2, split_policy="even_tokens", min_batch_tokens=0,
@@ -387,9 +387,9 @@ def test_epserve_up_with_link_proxies_plan_and_traces(tiny_model_dir, tmp_path):
     """The whole cluster with overlap on, every expert worker behind a 1 ms link proxy and
     traces on: the master invariant through the router, the proxies are the published worker
     endpoints, and every attention instance wrote a trace with both micro-batches."""
-    from services.cluster import ClusterSpec
     from services.common.control import kv_get
-    from services.common.link_proxy import send_control
+    from services.local.cluster import ClusterSpec
+    from services.local.link_proxy import send_control
     from tests.integration.cluster_helpers import reference, run_remote, start, workload
 
     spec = ClusterSpec(model=str(tiny_model_dir), expert_workers=2, micro_batches=2,

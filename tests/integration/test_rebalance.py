@@ -8,11 +8,11 @@ import asyncio
 
 import nats
 
-from services.cluster import ClusterSpec
 from services.common import subjects
 from services.common.control import kv_get
 from services.engine.reference import GenerationRequest
 from services.engine.sampling import SamplingParams
+from services.local.cluster import ClusterSpec
 from services.protos_gen.epserve.v1 import control_pb2
 from tests.integration.cluster_helpers import reference, run_remote, start
 from tests.integration.test_cluster import check_invariant

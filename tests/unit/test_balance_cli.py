@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from services.balance import cli as placement_cli
+from services.cli import placement as placement_cli
 from services.balance.metrics import balancedness
 from services.cli import main
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from services.common.cli import host_port, register, run_link_proxy, run_nats_server
+from services.cli.local import host_port, register, run_link_proxy, run_nats_server
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 
 from services.common.health import add_health, check_health, check_health_sync
-from services.common.ports import free_port
+from services.local.ports import free_port
 
 
 async def test_not_serving_until_set_then_serving_then_graceful_shutdown():

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from services.common.ports import free_port, wait_for_port, wait_for_port_async
+from services.local.ports import free_port, wait_for_port, wait_for_port_async
 
 
 def test_free_port_can_be_bound():

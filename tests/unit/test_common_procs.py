@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from services.common.ports import free_port
-from services.common.procs import ProcessGroup, ServiceProcess, ServiceStartError
+from services.local.ports import free_port
+from services.local.procs import ProcessGroup, ServiceProcess, ServiceStartError
 
 SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
 IGNORES_TERM = [
@@ -156,7 +156,7 @@ def test_children_are_stopped_when_the_parent_exits_normally(tmp_path):
     parent_code = textwrap.dedent(
         f"""
         import sys
-        from services.common.procs import ServiceProcess
+        from services.local.procs import ServiceProcess
         child = ServiceProcess("orphan", {SLEEPER!r}, {str(tmp_path)!r}).start()
         print(child.pid, flush=True)
         """

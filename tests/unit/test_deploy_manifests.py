@@ -22,13 +22,13 @@ import pytest
 import yaml
 
 from services.cli import build_parser
+from services.cli.serve import SERVICES
 from services.common.settings import env_name, settings_from
 from services.decode.config import DecodeConfig
 from services.expert_worker.config import ExpertWorkerConfig
 from services.prefill.config import PrefillConfig
 from services.router.config import RouterConfig
 from services.scheduler.config import SchedulerConfig
-from services.serve_cli import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

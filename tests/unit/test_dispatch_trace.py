@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from services.common.tensor_proto import to_proto
 from services.engine.ep_client import (
     DISPATCH_SECONDS,
     EPError,
@@ -28,6 +27,7 @@ from services.engine.ep_plan import WorkerShare
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.microbatch import OverlapSettings
 from services.engine.overlap import overlapped_forward, trace_dispatch
+from services.engine.tensor_proto import to_proto
 from services.engine.trace import ChromeTrace
 from services.engine.wire import encode
 from services.model.loader import load_model

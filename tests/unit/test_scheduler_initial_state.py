@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.control import table_from, topology_from
+from services.balance.placement_proto import table_from, topology_from
 from services.model.config import ModelConfig
 from services.model.presets import PRESETS
 from services.protos_gen.epserve.v1 import control_pb2 as pb

@@ -17,8 +17,8 @@ import time
 import grpc
 
 from services.client import InferenceClient, RemoteCompletion
-from services.cluster import ClusterSpec, LocalCluster
 from services.engine.sampling import SamplingParams
+from services.local.cluster import ClusterSpec, LocalCluster
 from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 
 PROMPTS = (

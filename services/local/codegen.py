@@ -1,7 +1,7 @@
 """Generate Python stubs for protos/ into services/protos_gen/ (committed).
 
 protoc writes `from epserve.v1 import x_pb2`; we rewrite that to the package path so the stubs
-import without touching sys.path. `python -m services.common.codegen --check` exits 1 if the
+import without touching sys.path. `python -m services.local.codegen --check` exits 1 if the
 committed stubs differ from freshly generated ones.
 """
 

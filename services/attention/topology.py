@@ -12,8 +12,9 @@ import asyncio
 import structlog
 import torch
 
+from services.balance.placement_proto import table_from
 from services.common import subjects
-from services.common.control import kv_get, table_from, wait_for_topology
+from services.common.control import kv_get, wait_for_topology
 from services.engine.ep_client import EPError, ExpertClient
 from services.engine.ep_engine import EPEngine
 from services.model.batch import AttentionBatch

@@ -12,9 +12,9 @@ from services.balance.naive import contiguous_placement
 from services.common.errors import CheckpointError, CliError, ConfigError
 from services.engine.ep_client import EPError, ExpertClient
 from services.engine.ep_engine import EPEngine
-from services.engine.local_workers import LocalExpertWorkers
 from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
+from services.local.expert_workers import LocalExpertWorkers
 from services.model.config import ModelConfig
 from services.model.deepseek import no_experts
 

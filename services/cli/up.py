@@ -8,10 +8,10 @@ import signal
 import threading
 from pathlib import Path
 
-from services.cluster import ClusterSpec, LocalCluster
 from services.common.errors import CliError
-from services.common.procs import ServiceStartError
 from services.engine.microbatch import SPLIT_POLICIES
+from services.local.cluster import ClusterSpec, LocalCluster
+from services.local.procs import ServiceStartError
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:

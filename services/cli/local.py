@@ -2,7 +2,7 @@
 
 Both print one JSON line on stdout once ready (addresses, pid), so a script that started them
 can read where they listen, and run until SIGTERM or Ctrl-C. Logs go to stderr.
-Also runnable without the top-level CLI: `python -m services.common.cli link-proxy ...`.
+Also runnable without the top-level CLI: `python -m services.cli.local link-proxy ...`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import sys
 import threading
 
 from services.common.errors import CliError
-from services.common.link_proxy import ControlServer, LinkProxy
 from services.common.logging import configure_logging
-from services.common.nats_server import NatsServer, NatsServerError
 from services.common.shutdown import StopEvent, install_signal_handlers
+from services.local.link_proxy import ControlServer, LinkProxy
+from services.local.nats_server import NatsServer, NatsServerError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

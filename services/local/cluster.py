@@ -27,9 +27,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.nats_server import NatsServer
-from services.common.ports import free_port
-from services.common.procs import ProcessGroup, ServiceProcess
+from services.local.nats_server import NatsServer
+from services.local.ports import free_port
+from services.local.procs import ProcessGroup, ServiceProcess
 
 
 @dataclass(frozen=True)

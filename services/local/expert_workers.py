@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 from services.balance.placement import PlacementTable
-from services.common.ports import free_port
-from services.common.procs import ProcessGroup
+from services.local.ports import free_port
+from services.local.procs import ProcessGroup
 
 
 class LocalExpertWorkers:

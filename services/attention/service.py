@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 import structlog
 
+from services.attention.plan_watch import PlanWatcher
+from services.attention.topology import EPInstance
 from services.common import subjects
 from services.common.control import connect, kv_bucket
 from services.common.health import add_health
@@ -24,8 +26,6 @@ from services.common.heartbeat import HeartbeatPublisher
 from services.common.logging import configure_logging
 from services.common.metrics_http import start_metrics_http
 from services.common.shutdown import StopEvent, drain, install_signal_handlers
-from services.engine.ep_instance import EPInstance
-from services.engine.plan_watch import PlanWatcher
 from services.engine.trace import ChromeTrace
 from services.engine.wire import WIRE_MODES
 from services.model.config import ModelConfig

@@ -14,13 +14,13 @@ from services.common.errors import CliError
 from services.common.logging import configure_logging
 
 COMMAND_MODULES = (
-    "services.model.cli",  # make-model
-    "services.engine.cli",  # generate
-    "services.balance.cli",  # placement
+    "services.cli.model",  # make-model
+    "services.cli.generate",  # generate
+    "services.cli.placement",  # placement
     "services.economics.cli",  # economics report|reproduce|capacity
-    "services.serve_cli",  # serve <service>
-    "services.up_cli",  # up
-    "services.common.cli",  # link-proxy, nats-server
+    "services.cli.serve",  # serve <service>
+    "services.cli.up",  # up
+    "services.cli.local",  # link-proxy, nats-server
 )
 
 

