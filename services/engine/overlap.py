@@ -4,17 +4,18 @@ Every torch op runs on the process's single compute thread (`compute_executor`):
 keeps the ops in submission order, torch releases the GIL inside its kernels, and the event
 loop stays free to move gRPC traffic (dispatches, replies, heartbeats) while compute runs.
 
-Each micro-batch is a coroutine walking the layers. Its ops, per layer:
-  ATTN-0   input norm, MLA projections, rope, latent-KV cache write
-  ATTN-1   core attention, output projection, residual (+ for a MoE layer: post-attention
-           norm and gate)
-  FFN      (dense layer) the MLP
+Each micro-batch is a coroutine walking the layers. Its ops, per layer, are the model's own
+public stages (DecoderLayer, services/model/deepseek.py, whose docstring says what each
+computes; no layer math is written here), traced under these names:
+  ATTN-0   layer.attn0
+  ATTN-1   layer.attn1 (for a MoE layer it ends with the gate)
+  FFN      (dense layer) layer.dense_ffn
   DISPATCH (MoE layer) the routed experts on the expert workers: ExpertClient.start_dispatch
            then PendingDispatch.result(), on the event loop, asynchronous; traced on the
            micro-batch's communication track as DISPATCH (send), MLP (the last-replying
            worker's compute) and COMBINE (decoding and adding the replies)
-  SHARED   the shared expert
-  COMBINE  residual + routed + shared, once the replies are back.
+  SHARED   layer.shared_expert
+  COMBINE  layer.combine (residual + routed + shared), once the replies are back.
 A "hop" is one hand-over to the compute thread. One hop runs everything up to the next
 dispatch (the last MoE layer's COMBINE, then ATTN-0/ATTN-1/FFN of dense layers and ATTN-0/
 ATTN-1 + gate of the next MoE layer); then the dispatch goes out, and SHARED is a hop of its
@@ -39,7 +40,8 @@ attention hop before the dispatch, then the step waits for the replies: micro_ba
 
 Numerics: every op is row-wise except attention, which is per sequence, so the two
 micro-batches compute the same function as the whole batch; the attention path (absorbed for a
-decode step, expanded otherwise) is chosen by the whole step, never by a micro-batch.
+decode step, expanded otherwise) is chosen by the whole step, never by a micro-batch (attn1's
+decode_step is the step's).
 
 Limits: the dispatch itself (routing, encoding, protobuf) runs on the event loop in Python, so
 it holds the GIL and cannot overlap Python-bound compute; on small models every op is
@@ -59,7 +61,6 @@ import torch
 from services.engine.microbatch import MicroBatch, micro_batches, plan_cut
 from services.engine.trace import COMPUTE, STEPS, ChromeTrace, comm_track
 from services.model.batch import AttentionBatch
-from services.model.moe import MoE
 
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -99,34 +100,6 @@ class ForwardStats:
         """Wall time the compute thread was not busy for this step (exposed communication,
         remote experts and scheduling overhead)."""
         return max(self.wall_s - self.compute_s, 0.0)
-
-
-# ---- the ops (run on the compute thread) ----------------------------------------------------
-
-def _attend(attn, q_nope, q_pe, batch: AttentionBatch, cache, step_is_decode: bool):
-    if batch.is_decode == step_is_decode:
-        return attn.attend(q_nope, q_pe, batch, cache)
-    # A piece of one-token sequences inside a prefill step: keep the step's (expanded) path,
-    # as the whole batch would, so the split changes no arithmetic.
-    out = attn._expanded(q_nope, q_pe, batch, cache)
-    return attn.o_proj(out.reshape(out.shape[0], -1))
-
-
-def _attn0(layer, h, batch: AttentionBatch, cache, rotary, cos_sin):
-    return layer.self_attn.project(layer.input_layernorm(h), batch, cache, rotary, cos_sin)
-
-
-def _attn1(layer, h, q, batch, cache, step_is_decode):
-    h = h + _attend(layer.self_attn, q[0], q[1], batch, cache, step_is_decode)
-    if not layer.is_moe:
-        return h, None, None, None
-    x = layer.post_attention_layernorm(h)
-    weights, ids = layer.mlp.gate(x)
-    return h, x, weights, ids
-
-
-def _combine(h, routed, shared, dtype):
-    return h + MoE.combine(routed, shared, dtype)
 
 
 class _Clock:
@@ -195,22 +168,23 @@ class OverlappedStep:
             carry.h, carry.cos_sin = clock("EMBED", -1, _embed, model, self.input_ids[mb.lo:mb.hi],
                                            batch.positions)
         if carry.pending is not None:
-            carry.h = clock("COMBINE", self._layers[carry.next_layer - 1].layer_id, _combine,
-                            carry.h, *carry.pending)
+            last = self._layers[carry.next_layer - 1]
+            carry.h = clock("COMBINE", last.layer_id, last.combine, carry.h, *carry.pending)
             carry.pending = None
         while carry.next_layer < len(self._layers):
             layer = self._layers[carry.next_layer]
             L, cache = layer.layer_id, self.caches[layer.layer_id]
             carry.next_layer += 1
-            q = clock("ATTN-0", L, _attn0, layer, carry.h, batch, cache, model.rotary, carry.cos_sin)
-            carry.h, x, weights, ids = clock("ATTN-1", L, _attn1, layer, carry.h, q, batch, cache,
-                                             self.decode)
+            q = clock("ATTN-0", L, layer.attn0, carry.h, batch, cache, model.rotary, carry.cos_sin)
+            # the step's attention path, never the micro-batch's (see Numerics above)
+            att = clock("ATTN-1", L, layer.attn1, carry.h, q, batch, cache, self.decode)
+            carry.h = att.h
             if not layer.is_moe:
-                carry.h = clock("FFN", L, layer.ffn_block, carry.h)
+                carry.h = clock("FFN", L, layer.dense_ffn, carry.h)
                 continue
-            carry.x, carry.weights, carry.ids = x, weights, ids
+            carry.x, carry.weights, carry.ids = att.x, att.weights, att.ids
             if with_shared:
-                carry.pending = (None, clock("SHARED", L, layer.mlp.shared, x), x.dtype)
+                carry.pending = (None, clock("SHARED", L, layer.shared_expert, att.x), att.x.dtype)
             return carry
         carry.x = carry.weights = carry.ids = None
         return carry
@@ -302,7 +276,7 @@ def _embed(model, input_ids, positions):
 
 
 def _shared_op(clock: _Clock, layer_id: int, layer, x):
-    return clock("SHARED", layer_id, layer.mlp.shared, x)
+    return clock("SHARED", layer_id, layer.shared_expert, x)
 
 
 def _logits_op(clock: _Clock, model, hs, last):

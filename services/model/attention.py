@@ -71,9 +71,17 @@ class MLAttention(nn.Module):
 
     # ATTN-1: core attention and output projection.
     def attend(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor,
+        decode_step: bool | None = None,
     ) -> torch.Tensor:
-        if batch.is_decode and self.mode == "auto":
+        """decode_step: whether the step this batch is part of is a decode step (None: decide
+        from this batch). The absorbed path runs only in a decode step with mode "auto"; a
+        micro-batch of one-token sequences inside a prefill step passes False and keeps the
+        step's expanded path, so splitting a step changes no arithmetic."""
+        decode = batch.is_decode if decode_step is None else decode_step
+        if decode and not batch.is_decode:
+            raise ValueError("decode_step=True needs exactly one new token per sequence")
+        if decode and self.mode == "auto":
             out = self._absorbed(q_nope, q_pe, batch, cache)
         else:
             out = self._expanded(q_nope, q_pe, batch, cache)

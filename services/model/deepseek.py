@@ -4,13 +4,26 @@ Module names mirror the Hugging Face checkpoint (model.layers.N.self_attn.q_a_pr
 loader maps tensors one to one. Routed experts live in an ExpertBank per MoE layer whose keys
 the constructor is given: all logical experts (the reference engine), none (an attention
 instance that dispatches to expert workers), or a worker's physical slots.
-Each layer exposes its two halves so an expert-parallel runtime can drive the loop itself:
-attention_block (norm + MLA + residual) and ffn_block (norm + dense MLP or MoE + residual).
+
+The model owns its math: each DecoderLayer is a sequence of public stages, split as DeepSeek
+splits decode attention, and both the plain forward and the overlapped EP runtime
+(services/engine/overlap.py) run exactly these, so each piece is defined once:
+  attn0          ATTN-0: input norm, MLA projections, rope, latent-KV cache write -> query
+  attn1          ATTN-1: core attention, output projection, residual; for a MoE layer also the
+                 post-attention norm and the gate -> Attended(h, x, weights, ids)
+  dense_ffn      (dense layer) post-attention norm + MLP + residual
+  shared_expert  (MoE layer) the shared expert on the normed input x
+  combine        (MoE layer) residual + routed + shared, once the routed output is back
+The routed experts between gate and combine run wherever the caller says (the local
+ExpertBank, or a RoutedFn such as an expert-parallel dispatch). The plain path composes the
+stages into two halves: attention_block (attn0 + attn1's attention and residual) and ffn_block
+(dense_ffn, or norm + gate + routed experts + shared_expert + combine).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,6 +35,8 @@ from services.model.layers import RMSNorm, SwiGLU
 from services.model.moe import MoE, RoutedFn
 from services.model.rope import RotaryEmbedding
 
+Query = tuple[torch.Tensor, torch.Tensor]  # ATTN-0's output: q_nope [T, h, n], q_pe [T, h, p]
+
 # layer id -> the expert keys this process holds in that layer
 ExpertKeys = Mapping[int, Sequence[int]]
 
@@ -32,6 +47,18 @@ def all_experts(cfg: ModelConfig) -> dict[int, tuple[int, ...]]:
 
 def no_experts(cfg: ModelConfig) -> dict[int, tuple[int, ...]]:
     return {layer: () for layer in cfg.moe_layer_ids}
+
+
+@dataclass(frozen=True)
+class Attended:
+    """ATTN-1's result: the hidden state after attention and its residual, and for a MoE layer
+    what the routed experts take (else None): the post-attention normed input and the gate's
+    choice."""
+
+    h: torch.Tensor  # [T, H]
+    x: torch.Tensor | None = None  # [T, H] post-attention norm of h
+    weights: torch.Tensor | None = None  # [T, K] fp32 routing weights
+    ids: torch.Tensor | None = None  # [T, K] long routed expert ids
 
 
 class DecoderLayer(nn.Module):
@@ -48,12 +75,53 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
+    # ---- the stages (see the module docstring) ----
+
+    def attn0(self, h: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor,
+              rotary: RotaryEmbedding, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> Query:
+        return self.self_attn.project(self.input_layernorm(h), batch, cache, rotary, cos_sin)
+
+    def attn1(self, h: torch.Tensor, q: Query, batch: AttentionBatch, cache: torch.Tensor,
+              decode_step: bool | None = None) -> Attended:
+        """decode_step: whether the whole step is a decode step (None: decide from `batch`);
+        a micro-batch of a step passes the step's, see MLAttention.attend."""
+        h = self._attention_residual(h, q, batch, cache, decode_step)
+        return Attended(h, *self._route(h)) if self.is_moe else Attended(h)
+
+    def dense_ffn(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor | None:
+        shared = self.mlp.shared_experts
+        return shared(x) if shared is not None else None
+
+    def combine(self, h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+        """routed: the fp32 routed-expert output; dtype: the MoE input x's dtype."""
+        out = routed.to(dtype)
+        return h + (out + shared if shared is not None else out)
+
+    # ---- the two halves, composed of the stages ----
+
     def attention_block(self, h, batch: AttentionBatch, cache, rotary, cos_sin) -> torch.Tensor:
-        return h + self.self_attn(self.input_layernorm(h), batch, cache, rotary, cos_sin)
+        return self._attention_residual(h, self.attn0(h, batch, cache, rotary, cos_sin), batch,
+                                        cache, None)
 
     def ffn_block(self, h: torch.Tensor, routed_fn: RoutedFn | None = None) -> torch.Tensor:
+        if not self.is_moe:
+            return self.dense_ffn(h)
+        x, weights, ids = self._route(h)
+        routed = (routed_fn or self.mlp.experts)(x, ids, weights)
+        return self.combine(h, routed, self.shared_expert(x), x.dtype)
+
+    def _attention_residual(self, h, q: Query, batch, cache, decode_step) -> torch.Tensor:
+        return h + self.self_attn.attend(*q, batch, cache, decode_step)
+
+    def _route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A MoE layer's post-attention norm and gate: (x, weights, ids)."""
         x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, routed_fn) if self.is_moe else self.mlp(x))
+        weights, ids = self.mlp.gate(x)
+        return x, weights, ids
 
 
 class DeepseekModel(nn.Module):

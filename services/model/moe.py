@@ -1,4 +1,4 @@
-"""Mixture-of-experts: the gate (router), a bank of routed experts, and the MoE block.
+"""Mixture-of-experts: the gate (router), a bank of routed experts, and the MoE block's parts.
 
 Which routed experts a process holds is explicit: an ExpertBank is built for a list of keys.
 The reference engine keys experts by logical id; an expert worker keys them by physical slot
@@ -176,6 +176,9 @@ class ExpertBank(nn.Module):
 
 
 class MoE(nn.Module):
+    """The parts of a MoE layer's FFN: gate, routed experts, shared experts. DecoderLayer runs
+    them (its stages, services/model/deepseek.py), so the block's math is written once there."""
+
     def __init__(self, cfg: ModelConfig, expert_keys: Sequence[int], dtype: torch.dtype) -> None:
         super().__init__()
         self.gate = Gate(cfg)
@@ -185,16 +188,3 @@ class MoE(nn.Module):
             if cfg.n_shared_experts
             else None
         )
-
-    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self.shared_experts(x) if self.shared_experts is not None else None
-
-    @staticmethod
-    def combine(routed: torch.Tensor, shared: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        out = routed.to(dtype)
-        return out + shared if shared is not None else out
-
-    def forward(self, x: torch.Tensor, routed_fn: RoutedFn | None = None) -> torch.Tensor:
-        weights, ids = self.gate(x)
-        routed = (routed_fn or self.experts)(x, ids, weights)
-        return self.combine(routed, self.shared(x), x.dtype)

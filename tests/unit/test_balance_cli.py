@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from services.cli import placement as placement_cli
 from services.balance.metrics import balancedness
 from services.cli import main
+from services.cli import placement as placement_cli
 
 
 @pytest.fixture
