@@ -34,11 +34,25 @@ class RemoteCompletion:
         return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
 
 
+# A request that fails with these before its first token is sent to the next router: the
+# router went away or is draining, so it did not run the request.
+RETRY_ON_ANOTHER_ROUTER = (grpc.StatusCode.UNAVAILABLE,)
+
+
 class InferenceClient:
+    """`endpoint`: one router's host:port, or several separated by commas. A request that fails
+    before its first token with UNAVAILABLE (the router died, is draining, or is unreachable)
+    is retried on the next router, each at most once."""
+
     def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.channel = grpc.aio.insecure_channel(endpoint)
-        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
+        if not self.endpoints:
+            raise ValueError("no router endpoint given")
+        self.endpoint = self.endpoints[0]
+        self.channels = [grpc.aio.insecure_channel(e) for e in self.endpoints]
+        self.stubs = [inference_pb2_grpc.InferenceStub(c) for c in self.channels]
+        self.channel, self.stub = self.channels[0], self.stubs[0]
+        self._next = 0  # requests start on the routers in turn
 
     async def __aenter__(self) -> InferenceClient:
         return self
@@ -47,11 +61,13 @@ class InferenceClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
 
-    def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None = None):
-        """The raw response stream (a call object: iterate it, or `cancel()` it)."""
-        return self.stub.Generate(request, timeout=timeout)
+    def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None = None,
+               router: int = 0):
+        """The raw response stream of one router (a call object: iterate it, or `cancel()`)."""
+        return self.stubs[router % len(self.stubs)].Generate(request, timeout=timeout)
 
     async def generate(self, request_id: str = "", *, prompt: str = "",
                        prompt_ids: list[int] | None = None,
@@ -63,10 +79,23 @@ class InferenceClient:
             request_id=request_id, model=model, prompt=prompt, prompt_ids=prompt_ids or [],
             messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages or ()],
             sampling=params_to_proto(params or SamplingParams()))
-        out = RemoteCompletion(request_id)
+        first = self._next
+        self._next += 1
+        for tried in range(len(self.stubs)):
+            out = RemoteCompletion(request_id)
+            try:
+                return await self._generate_on(first + tried, req, timeout, out)
+            except grpc.aio.AioRpcError as exc:
+                if out.token_ids or exc.code() not in RETRY_ON_ANOTHER_ROUTER \
+                        or tried == len(self.stubs) - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _generate_on(self, router: int, req, timeout, out: RemoteCompletion
+                           ) -> RemoteCompletion:
         t0 = time.perf_counter()
         pieces = []
-        async for resp in self.stream(req, timeout):
+        async for resp in self.stream(req, timeout, router):
             now = time.perf_counter() - t0
             if resp.WhichOneof("kind") == "delta":
                 if not out.token_ids:

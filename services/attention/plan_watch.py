@@ -1,8 +1,8 @@
 """An attention instance's copy of the scheduler's overlap plan (JetStream KV).
 
 The scheduler owns the plan (micro-batches 1 or 2, split policy, minimum batch tokens) and
-keeps it in bucket PLAN_BUCKET, key PLAN_KEY. This reads the key at start and then polls it;
-a new version is handed to `apply` (which sets the engine's `plan`). The engine reads its plan
+keeps it in bucket PLAN_BUCKET, key PLAN_KEY. This follows that key (control.follow_key); a
+new version is handed to `apply` (which sets the engine's plan). The engine reads its plan
 once at the start of each forward, so a new plan takes effect at a step boundary, never within
 a step. A plan this instance does not understand is logged and ignored (the old one stays).
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 import structlog
 
 from services.common import subjects
-from services.common.control import kv_get
+from services.common.control import follow_key, kv_get
 from services.engine.microbatch import check_plan_fields
 from services.protos_gen.epserve.v1 import control_pb2
 
@@ -30,10 +30,9 @@ class PlanWatcher:
         self.adopted = 0
         self._task: asyncio.Task | None = None
 
-    async def read_once(self) -> bool:
-        """Read the key now; True if a new plan was handed over."""
-        plan = await kv_get(self.kv, subjects.PLAN_KEY, control_pb2.OverlapPlan)
-        if plan is None or plan == self.plan:
+    def offer(self, plan: control_pb2.OverlapPlan) -> bool:
+        """Adopt `plan` unless it is the one in use or not understood; True if handed over."""
+        if plan == self.plan:
             return False
         try:
             check_plan_fields(plan)
@@ -50,20 +49,21 @@ class PlanWatcher:
         return True
 
     async def start(self) -> PlanWatcher:
+        """Read the plan once now (a step soon after start uses it), then follow the key."""
         try:
-            await self.read_once()
-        except Exception as exc:  # NATS restarting: the poll loop tries again
+            plan = await asyncio.wait_for(
+                kv_get(self.kv, subjects.PLAN_KEY, control_pb2.OverlapPlan), 5.0)
+            if plan is not None:
+                self.offer(plan)
+        except Exception as exc:  # NATS restarting: the follower keeps trying
             log.warning("overlap_plan_read_failed", error=str(exc))
-        self._task = asyncio.create_task(self._poll())
+        self._task = asyncio.create_task(self._follow())
         return self
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                await self.read_once()
-            except Exception as exc:
-                log.debug("overlap_plan_poll_failed", error=str(exc))
+    async def _follow(self) -> None:
+        async for plan in follow_key(self.kv, subjects.PLAN_KEY, control_pb2.OverlapPlan,
+                                     self.poll_s):
+            self.offer(plan)
 
     async def stop(self) -> None:
         if self._task is not None:

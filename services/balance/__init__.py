@@ -4,10 +4,11 @@ See docs/balance.md."""
 
 from services.balance.decode_lb import DecodeBalancer, DecodeBalancerConfig, DecodeInstanceLoad
 from services.balance.eplb import EplbConfig, Policy, plan, should_rebalance
-from services.balance.ledger import InstanceState, NoEligibleInstance
+from services.balance.ledger import NoEligibleInstance
 from services.balance.naive import balancedness, contiguous_placement
 from services.balance.placement import PlacementTable
 from services.balance.prefill_lb import PrefillBalancer, PrefillBalancerConfig, PrefillInstanceLoad
+from services.common.states import InstanceState
 
 __all__ = [
     "DecodeBalancer",

@@ -11,17 +11,10 @@ the balancer then takes the larger of reported and router-known load, per dimens
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
-
-
-class InstanceState(StrEnum):
-    ACTIVE = "active"
-    DRAINING = "draining"  # finishing its work, takes no new requests
-    DEAD = "dead"
 
 
 class NoEligibleInstance(RuntimeError):
-    """No instance is active: the router should reject or retry the request later."""
+    """No instance is serving: the router should reject or retry the request later."""
 
 
 @dataclass(frozen=True)

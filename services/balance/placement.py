@@ -16,6 +16,15 @@ import numpy as np
 _DICT_KEYS = ("version", "num_workers", "num_logical_experts", "layer_ids", "phy2log")
 
 
+class NoLiveReplica(ValueError):
+    """Every replica of an expert the batch needs is on a worker that is down."""
+
+    def __init__(self, layer_id: int, experts: list[int]) -> None:
+        super().__init__(f"layer {layer_id}: experts {experts[:8]} have no replica on a live "
+                         f"expert worker")
+        self.layer_id, self.experts = layer_id, experts
+
+
 def _check_int(name: str, value: Any) -> int:
     # bool is an int subclass, and a JSON float like 3.0 is a sign of a broken producer.
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -146,7 +155,8 @@ class PlacementTable:
     def replica_counts(self, layer_id: int) -> tuple[int, ...]:
         return tuple(len(slots) for slots in self.replicas(layer_id))
 
-    def route(self, layer_id: int, topk_ids: np.ndarray, offset: int = 0) -> np.ndarray:
+    def route(self, layer_id: int, topk_ids: np.ndarray, offset: int = 0,
+              down: frozenset[int] = frozenset()) -> np.ndarray:
         """Map logical expert ids [T, K] to physical slots [T, K], spreading over replicas.
 
         Within the batch, the i-th occurrence (row-major order) of an expert with n replicas
@@ -154,6 +164,8 @@ class PlacementTable:
         expert's count/n. `offset` rotates the start; an attention instance passes its DP rank
         so that instances sending one token each do not all pile onto the first replica.
         Entries of -1 (padding, no expert) stay -1. Pure: same inputs, same slots.
+        `down`: workers to route around (their slots are skipped); NoLiveReplica when an
+        expert the batch needs has no slot left.
         """
         ids = np.asarray(topk_ids)
         if not np.issubdtype(ids.dtype, np.integer):
@@ -167,8 +179,11 @@ class PlacementTable:
             raise ValueError(
                 f"topk_ids holds expert {bad}, outside 0..{self.num_logical_experts - 1}"
             )
-        slot_table, counts = self._route_arrays[self.layer_index(layer_id)]
+        arrays = self._surviving_route_arrays(down) if down else self._route_arrays
+        slot_table, counts = arrays[self.layer_index(layer_id)]
         experts = flat[valid]
+        if down and not counts[experts].all():
+            raise NoLiveReplica(layer_id, sorted({int(e) for e in experts[counts[experts] == 0]}))
         # Rank of each entry among the entries of the same expert, in row-major order.
         order = np.argsort(experts, kind="stable")
         sorted_experts = experts[order]
@@ -231,13 +246,29 @@ class PlacementTable:
 
     @cached_property
     def _route_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        # Per layer: slot_table [experts, max_replicas] (padded by repeating) and counts [experts].
+        return self._arrays_for(frozenset())
+
+    @cached_property
+    def _route_arrays_by_down(self) -> dict[frozenset[int], list]:
+        return {}
+
+    def _surviving_route_arrays(self, down: frozenset[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        cache = self._route_arrays_by_down
+        if down not in cache:
+            cache[down] = self._arrays_for(down)
+        return cache[down]
+
+    def _arrays_for(self, down: frozenset[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        # Per layer: slot_table [experts, max_replicas] (padded by repeating) and counts
+        # [experts] of the slots not on a `down` worker (0: no live replica; its row is unused).
         arrays = []
+        per = self.slots_per_worker
         for layer_id in self.layer_ids:
-            replicas = self.replicas(layer_id)
+            replicas = [[s for s in r if s // per not in down] for r in self.replicas(layer_id)]
             counts = np.array([len(r) for r in replicas], dtype=np.int64)
-            table = np.zeros((self.num_logical_experts, int(counts.max())), dtype=np.int64)
+            table = np.zeros((self.num_logical_experts, max(1, int(counts.max()))), dtype=np.int64)
             for expert, slots in enumerate(replicas):
-                table[expert] = np.resize(np.asarray(slots, dtype=np.int64), table.shape[1])
+                if slots:
+                    table[expert] = np.resize(np.asarray(slots, dtype=np.int64), table.shape[1])
             arrays.append((table, counts))
         return arrays

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.balance.ledger import DispatchLedger, InstanceState, estimate
+from services.balance.ledger import DispatchLedger, estimate
 from services.balance.scoring import active_only, check_weights, pick_lowest
+from services.common.states import InstanceState
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class PrefillInstanceLoad:
     instance_id: str
     queued_tokens: int = 0  # input tokens of the requests it holds (queued or running)
     attention_cost: float = 0.0  # sum over those requests of input_len ** 2
-    state: InstanceState = InstanceState.ACTIVE
+    state: InstanceState = InstanceState.SERVING
     acked_seq: int | None = None  # highest dispatch seq from this router the figures include
 
     def __post_init__(self) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.balance.ledger import InstanceState, NoEligibleInstance
+from services.balance.ledger import NoEligibleInstance
+from services.common.states import InstanceState
 
 
 def pick_lowest(
@@ -37,9 +38,9 @@ def active_only(instances: Sequence) -> list:
     ids = [i.instance_id for i in instances]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate instance ids in {sorted(ids)}")
-    active = [i for i in instances if i.state is InstanceState.ACTIVE]
+    active = [i for i in instances if i.state is InstanceState.SERVING]
     if not active:
-        raise NoEligibleInstance(f"none of {len(instances)} instances is active")
+        raise NoEligibleInstance(f"none of {len(instances)} instances is serving")
     return active
 
 

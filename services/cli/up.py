@@ -86,24 +86,29 @@ def start_cluster(spec: ClusterSpec, log_dir: str, timeout: float) -> LocalClust
 def register(subparsers) -> None:
     p = subparsers.add_parser("up", help="run a whole cluster locally until Ctrl-C / SIGTERM")
     add_cluster_args(p)
-    p.add_argument("--port", type=int, default=0, help="router gRPC port (0 = a free one)")
+    p.add_argument("--port", type=int, default=0, help="router-0's gRPC port (0 = a free one)")
+    p.add_argument("--routers", type=int, default=1, help="routers (each its own endpoint)")
+    p.add_argument("--no-restart", action="store_true",
+                   help="do not restart a process that exits: stop the whole cluster instead "
+                        "(debugging)")
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve the OpenAI-compatible HTTP API on this port (0 = a free one)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    spec = dataclasses.replace(spec_from(args, args.port), http_port=args.http_port)
+    spec = dataclasses.replace(spec_from(args, args.port), http_port=args.http_port,
+                               routers=args.routers, restart=not args.no_restart)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"starting: NATS, scheduler, {spec.expert_workers} expert workers, {spec.prefill} "
-          f"prefill, {spec.decode} decode, router ...", flush=True)
+          f"prefill, {spec.decode} decode, {spec.routers} router(s) ...", flush=True)
     cluster = start_cluster(spec, args.log_dir, args.start_timeout)
     try:
-        print(f"router listening on {cluster.router_endpoint}", flush=True)
-        if cluster.http_url:
-            print(f"OpenAI-compatible HTTP API on {cluster.http_url}/v1", flush=True)
+        print(f"router listening on {', '.join(cluster.router_endpoints)}", flush=True)
+        for url in cluster.http_urls:
+            print(f"OpenAI-compatible HTTP API on {url}/v1", flush=True)
         print(f"  NATS {cluster.nats_url}; logs in {cluster.log_dir}", flush=True)
         if spec.shaped_links:
             print(f"  expert workers behind link proxies ({spec.link_latency_ms or 0} ms one-way"
@@ -116,13 +121,21 @@ def _run(args: argparse.Namespace) -> int:
                   flush=True)
         print(f"  try: epserve generate --endpoint {cluster.router_endpoint} "
               f"--prompt 'Hello' --max-tokens 16", flush=True)
+        if cluster.supervisor is not None:
+            cluster.supervisor.on_restart = lambda name, code, n: print(
+                f"restarted {name} (exit code {code}; restart {n})", flush=True)
         while not stop.wait(0.5):
             dead = [p.name for p in cluster.group if not p.is_running()]
-            if dead:
-                print(f"service(s) exited: {', '.join(dead)}; stopping the cluster", flush=True)
+            if dead and cluster.supervisor is None:
+                print(f"service(s) exited: {', '.join(dead)}; stopping the cluster "
+                      f"(--no-restart)", flush=True)
                 print(cluster.log_tails(20), flush=True)
                 return 1
     finally:
+        restarts = cluster.restarts
         codes = cluster.stop()
         print("stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()), flush=True)
+        if restarts:
+            print("restarts: " + ", ".join(f"{k}={v}" for k, v in sorted(restarts.items())),
+                  flush=True)
     return 0

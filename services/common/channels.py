@@ -1,20 +1,37 @@
-"""One gRPC channel per peer endpoint, reused across requests (a router dialling instances, a
-prefill instance dialling decode instances)."""
+"""gRPC options for every server and channel in the cluster, and one channel per peer endpoint.
+
+One message limit everywhere: the largest message is a prefill's KV chunk or a dispatch of a
+whole prefill batch's hidden states, both far below it; a limit that differs between a sender
+and its receiver turns a large request into RESOURCE_EXHAUSTED on one side only.
+"""
 
 from __future__ import annotations
 
 import grpc
 
+MAX_MESSAGE_BYTES = 512 << 20
+GRPC_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
+
+
+def insecure_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=GRPC_OPTIONS)
+
 
 class Channels:
-    def __init__(self, max_message_bytes: int = 64 << 20) -> None:
-        self.options = [("grpc.max_receive_message_length", max_message_bytes),
-                        ("grpc.max_send_message_length", max_message_bytes)]
+    """Channels reused across requests (a router dialling instances, a prefill instance
+    dialling decode instances)."""
+
+    def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, endpoint: str) -> grpc.aio.Channel:
         if endpoint not in self._channels:
-            self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=self.options)
+            self._channels[endpoint] = insecure_channel(endpoint)
         return self._channels[endpoint]
 
     async def close(self) -> None:

@@ -9,11 +9,10 @@ from collections.abc import Callable
 import structlog
 
 from services.common import subjects
+from services.common.states import Role
 from services.protos_gen.epserve.v1 import control_pb2
 
 log = structlog.get_logger("heartbeat")
-
-ROLE_BY_NAME = {v: k for k, v in subjects.ROLE_NAMES.items()}
 
 
 class HeartbeatPublisher:
@@ -31,7 +30,7 @@ class HeartbeatPublisher:
 
     def message(self) -> control_pb2.Heartbeat:
         hb = control_pb2.Heartbeat(
-            instance_id=self.instance_id, role=ROLE_BY_NAME[self.role], endpoint=self.endpoint,
+            instance_id=self.instance_id, role=Role(self.role).proto, endpoint=self.endpoint,
             state=self.state, rank=self.rank, sent_at=time.time(),
             metrics_endpoint=self.metrics_endpoint)
         if self.placement_version is not None:

@@ -1,22 +1,16 @@
 """Graceful shutdown for asyncio services.
 
-A service `main` looks like:
-
-    stop = StopEvent()
-    async def on_stop():
-        await drain(health=health, grace_s=cfg.drain_grace_s, finish_in_flight=core.finish,
-                    server=server, server_grace_s=cfg.server_grace_s, nc=nc)
-        stop.set("signal")
-    install_signal_handlers(asyncio.get_running_loop(), on_stop)
-    await stop.wait()
+Every service runs it through services/common/service.py (`Service.run`).
 
 Drain order, and why:
 1. health NOT_SERVING   — load balancers and probes stop sending new work here;
 2. grace (`grace_s`)    — give them time to notice (a probe period);
 3. finish in-flight     — requests already admitted complete (no lost request);
 4. `server.stop(grace)` — close the gRPC server, cancelling what still runs after its grace;
-5. `nc.drain()`         — flush pending NATS publishes and unsubscribe, then close;
-6. exit.
+5. after the server     — stop background tasks, close clients;
+6. `nc.drain()`         — flush pending NATS publishes and unsubscribe, then close;
+7. exit.
+Steps 3, 5 and 6 have a deadline each, so a drain always ends.
 The first SIGTERM/SIGINT starts the drain once; further signals are logged and ignored, so an
 impatient second Ctrl-C cannot interrupt a drain half-way (SIGKILL still can).
 """
@@ -113,12 +107,18 @@ async def drain(
     finish_in_flight: Callable[[], Awaitable[Any]] | None = None,
     server: Any | None = None,
     server_grace_s: float | None = 5.0,
+    after_server: Callable[[], Awaitable[Any]] | None = None,
     nc: Any | None = None,
+    step_timeout_s: float | None = None,
 ) -> None:
     """The documented drain order; each part is optional.
 
     `server` is a grpc.aio.Server (anything with `async stop(grace)`), `nc` a nats-py client
     (anything with `async drain()`); typed loosely so this module needs neither at import.
+    `after_server` runs once the server is stopped (background tasks, clients). With
+    `step_timeout_s`, finishing in-flight work, `after_server` and the NATS drain each get at
+    most that long (a NATS drain that times out closes the client instead): a peer that never
+    answers cannot keep the process from exiting.
     """
     log.info("drain_started", grace_s=grace_s)
     if health is not None:
@@ -126,9 +126,25 @@ async def drain(
     if grace_s > 0:
         await asyncio.sleep(grace_s)
     if finish_in_flight is not None:
-        await finish_in_flight()
+        await bounded("finish_in_flight", finish_in_flight(), step_timeout_s)
     if server is not None:
         await server.stop(server_grace_s)
+    if after_server is not None:
+        await bounded("after_server", after_server(), step_timeout_s)
     if nc is not None and not getattr(nc, "is_closed", False):
-        await nc.drain()
+        if not await bounded("nats_drain", nc.drain(), step_timeout_s):
+            await bounded("nats_close", nc.close(), step_timeout_s)
     log.info("drain_finished")
+
+
+async def bounded(step: str, awaitable: Awaitable[Any], timeout_s: float | None) -> bool:
+    """Await one drain step for at most `timeout_s` (None: no limit); False, logged, when it
+    timed out or failed (the drain goes on either way)."""
+    try:
+        await asyncio.wait_for(awaitable, timeout_s)
+        return True
+    except TimeoutError:
+        log.warning("drain_step_timed_out", step=step, timeout_s=timeout_s)
+    except Exception as exc:
+        log.warning("drain_step_failed", step=step, error=str(exc))
+    return False

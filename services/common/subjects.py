@@ -27,7 +27,3 @@ PLAN_KEY = "current"
 # JetStream streams (durable, de-duplicated by Nats-Msg-Id).
 USAGE_STREAM = "EPSERVE_USAGE"
 USAGE_SUBJECT = f"{PREFIX}.usage"
-
-ROLE_NAMES = {1: "router", 2: "scheduler", 3: "prefill", 4: "decode", 5: "expert-worker"}
-
-STATE_NAMES = {1: "starting", 2: "serving", 3: "draining", 4: "dead"}  # control.InstanceState

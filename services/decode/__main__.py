@@ -8,32 +8,34 @@ from services.attention.service import AttentionService
 from services.decode import metrics
 from services.decode.config import DecodeConfig
 from services.decode.core import DecodeCore
-from services.decode.server import DecodeServicer, timed_forward
+from services.decode.server import DecodeServicer
 from services.engine.kv_cache import LatentKVCache
-from services.model.loader import parse_dtype
 from services.protos_gen.epserve.v1 import control_pb2, serving_pb2_grpc
 
 
+class DecodeService(AttentionService):
+    role = "decode"
+
+    def build_core(self) -> None:
+        cfg, mc = self.cfg, self.model_cfg
+        cache = LatentKVCache(mc.num_hidden_layers, mc.latent_dim, cfg.kv_blocks, cfg.block_size,
+                              self.dtype, cfg.device)
+        self.core = DecodeCore(mc, self.engine.forward, cache, cfg.max_batch, cfg.admission_wait_s)
+
+    def add_servicers(self, server) -> None:
+        serving_pb2_grpc.add_DecodeServicer_to_server(
+            DecodeServicer(self.core, self.instance_id, self.dtype), server)
+
+    def load(self) -> control_pb2.InstanceLoad:  # called every heartbeat: refresh the gauges too
+        load = self.core.load()
+        metrics.WAITING.set(load.queued_requests)
+        metrics.RUNNING.set(load.running_requests)
+        metrics.KV_BLOCKS.set(load.kv_blocks_in_use)
+        return load.to_proto()
+
+
 async def serve(cfg: DecodeConfig) -> int:
-    svc = AttentionService(cfg, "decode")
-    mc = svc.model_cfg
-    dtype = parse_dtype(cfg.dtype)
-    cache = LatentKVCache(mc.num_hidden_layers, mc.latent_dim, cfg.kv_blocks, cfg.block_size,
-                          dtype, cfg.device)
-    core = DecodeCore(mc, lambda ids, b, c: timed_forward(svc.instance, ids, b, c), cache,
-                      cfg.max_batch, cfg.admission_wait_s)
-
-    def load() -> control_pb2.InstanceLoad:  # called every heartbeat: refresh the gauges too
-        figures = core.load()
-        metrics.WAITING.set(figures["queued_requests"])
-        metrics.RUNNING.set(figures["running_requests"])
-        metrics.KV_BLOCKS.set(figures["kv_blocks_in_use"])
-        return control_pb2.InstanceLoad(**figures)
-
-    await svc.start(lambda server: serving_pb2_grpc.add_DecodeServicer_to_server(
-        DecodeServicer(core, svc.instance_id, dtype), server), load)
-    core.start()
-    return await svc.run_until_stopped(core.finish_in_flight, core.stop)
+    return await DecodeService(cfg).run()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.attention.service import AttentionConfig
+from services.attention.config import AttentionConfig
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import structlog
 import torch
 
+from services.common.errors import StatusError
+from services.common.load import InstanceLoad
+from services.decode import metrics
 from services.engine.kv_budget import KVBudget, NeverFits
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.sampling import SamplingParams, sample_token
@@ -26,10 +29,8 @@ log = structlog.get_logger("decode")
 Forward = Callable[[torch.Tensor, object, list[torch.Tensor]], Awaitable[torch.Tensor]]
 
 
-class Rejected(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+class Rejected(StatusError):
+    """The decode instance refuses a request or its KV (full, draining, unknown, malformed)."""
 
 
 @dataclass
@@ -62,7 +63,8 @@ class DecodeCore:
         self.last_batch = 0
 
     # ---- admission ------------------------------------------------------------------------
-    async def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> DecodeSlot:
+    async def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    step_offset: int = 0) -> DecodeSlot:
         if self.draining:
             raise Rejected("UNAVAILABLE", "decode instance is draining")
         if request_id in self.slots or request_id in self._waiting:
@@ -84,7 +86,7 @@ class DecodeCore:
             self._waiting.discard(request_id)
         assert ok
         seq = Sequence(request_id, list(prompt_ids), params, self.cfg.eos_token_id,
-                       self.cfg.max_position_embeddings)
+                       self.cfg.max_position_embeddings, step_offset=step_offset)
         slot = DecodeSlot(seq, blocks)
         self.slots[request_id] = slot
         log.info("decode_admitted", request_id=request_id, blocks=blocks,
@@ -96,8 +98,8 @@ class DecodeCore:
         slot = self.slots.get(request_id)
         if slot is None:
             raise Rejected("NOT_FOUND", f"no reservation for request {request_id}")
-        if slot.kv_ready:
-            raise Rejected("FAILED_PRECONDITION", f"request {request_id} already has its KV")
+        if slot.kv_ready:  # a re-driven prefill of a transfer that did arrive: nothing to do
+            raise Rejected("ALREADY_EXISTS", f"request {request_id} already has its KV")
         want = (self.cfg.num_hidden_layers, len(slot.seq.prompt_ids), self.cfg.latent_dim)
         if tuple(latent.shape) != want:
             raise Rejected("INVALID_ARGUMENT",
@@ -127,20 +129,24 @@ class DecodeCore:
                 await self._step(batch_slots)
             except Exception as exc:  # a failed step fails its requests loudly, not silently
                 log.error("decode_step_failed", error=str(exc), requests=len(batch_slots))
+                # An expert-parallel failure the engine could not route around is UNAVAILABLE
+                # (the router moves the request elsewhere); anything else is a bug: INTERNAL.
+                code = exc.code if isinstance(exc, StatusError) else "INTERNAL"
                 for s in batch_slots:
-                    self._fail(s, str(exc))
+                    self._fail(s, code, str(exc))
             await asyncio.sleep(0)  # let new arrivals and stream writers run between steps
 
     async def _step(self, batch_slots: list[DecodeSlot]) -> None:
         chunks = [SeqChunk(s.request_id, s.seq.cache_len, 1) for s in batch_slots]
         batch = self.cache.batch(chunks)
         ids = torch.tensor([s.seq.output_ids[-1] for s in batch_slots], dtype=torch.long)
+        metrics.BATCH.observe(len(batch_slots))
         logits = (await self.forward(ids, batch, self.cache.layers)).float().cpu()
         self.steps += 1
         self.last_batch = len(batch_slots)
         for slot, row in zip(batch_slots, logits, strict=True):
             if slot.request_id in self.slots and not slot.seq.finished:
-                self._append(slot, sample_token(row, slot.seq.params, len(slot.seq.output_ids)))
+                self._append(slot, sample_token(row, slot.seq.params, slot.seq.next_step))
 
     def _append(self, slot: DecodeSlot, token: int) -> None:
         slot.seq.append(token)
@@ -150,8 +156,8 @@ class DecodeCore:
             slot.events.put_nowait(("finished", slot.seq.finish_reason, len(slot.seq.output_ids)))
             self._release(slot)
 
-    def _fail(self, slot: DecodeSlot, message: str) -> None:
-        slot.events.put_nowait(("error", "INTERNAL", message))
+    def _fail(self, slot: DecodeSlot, code: str, message: str) -> None:
+        slot.events.put_nowait(("error", code, message))
         self._release(slot)
 
     def _release(self, slot: DecodeSlot) -> None:
@@ -174,10 +180,12 @@ class DecodeCore:
             self._release(slot)
 
     # ---- state for heartbeats, metrics and drain ---------------------------------------------
-    def load(self) -> dict[str, int]:
-        return {"running_requests": len(self.slots), "kv_blocks_in_use": self.budget.reserved_blocks,
-                "kv_blocks_total": self.budget.total_blocks,
-                "queued_requests": len(self._waiting)}
+    def load(self) -> InstanceLoad:
+        return InstanceLoad(running_requests=len(self.slots),
+                            kv_blocks_in_use=self.budget.reserved_blocks,
+                            kv_blocks_total=self.budget.total_blocks,
+                            kv_block_size=self.budget.block_size,
+                            queued_requests=len(self._waiting))
 
     async def finish_in_flight(self, poll_s: float = 0.05) -> None:
         self.draining = True

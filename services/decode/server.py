@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -16,6 +17,7 @@ from services.engine.sampling_proto import params_from_proto
 from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
 
 log = structlog.get_logger("decode")
+QUEUED_EVERY_S = 1.0
 
 
 class DecodeServicer(serving_pb2_grpc.DecodeServicer):
@@ -23,20 +25,31 @@ class DecodeServicer(serving_pb2_grpc.DecodeServicer):
         self.core, self.instance_id, self.dtype = core, instance_id, dtype
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC naming)
-        with bind_request(request.request_id):
+        rid = request.request_id
+        with bind_request(rid):
             try:
                 params = params_from_proto(request.sampling)
                 if params.temperature > 0 and params.seed is None:
                     raise ValueError("sampling needs a seed (the router sets one)")
-                slot = await self.core.admit(request.request_id, list(request.prompt_ids), params)
             except ValueError as exc:
                 metrics.REQUESTS.labels(outcome="invalid").inc()
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"{request.request_id}: {exc}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")
+            admit = asyncio.ensure_future(self.core.admit(
+                rid, list(request.prompt_ids), params, request.step_offset))
+            try:
+                # While the request waits for KV room, say so every QUEUED_EVERY_S: the router
+                # tells a waiting instance from a stalled one by these.
+                while not (await asyncio.wait({admit}, timeout=QUEUED_EVERY_S))[0]:
+                    load = self.core.load()
+                    yield serving_pb2.DecodeEvent(queued=serving_pb2.DecodeQueued(
+                        free_blocks=load.kv_blocks_total - load.kv_blocks_in_use))
+                slot = admit.result()
             except Rejected as exc:
                 metrics.REQUESTS.labels(outcome=exc.code.lower()).inc()
-                await context.abort(getattr(grpc.StatusCode, exc.code),
-                                    f"{request.request_id}: {exc.message}")
+                await context.abort(exc.status, f"{rid}: {exc.message}")
+            finally:
+                if not admit.done():  # the router went away while we waited
+                    admit.cancel()
             self._gauges()
             yield serving_pb2.DecodeEvent(accepted=serving_pb2.DecodeAccepted(
                 instance_id=self.instance_id, reserved_blocks=slot.blocks))
@@ -61,7 +74,7 @@ class DecodeServicer(serving_pb2_grpc.DecodeServicer):
                     else:
                         finished = True
                         metrics.REQUESTS.labels(outcome="error").inc()
-                        await context.abort(grpc.StatusCode.INTERNAL, f"{request.request_id}: {b}")
+                        await context.abort(grpc.StatusCode[a], f"{request.request_id}: {b}")
             finally:
                 if not finished:  # the router cancelled: free the slot now
                     metrics.REQUESTS.labels(outcome="cancelled").inc()
@@ -81,7 +94,7 @@ class DecodeServicer(serving_pb2_grpc.DecodeServicer):
             metrics.KV_TRANSFERS.labels(outcome=exc.code.lower()).inc()
             log.warning("kv_transfer_rejected", request_id=asm.request_id, code=exc.code,
                         reason=exc.message)
-            await context.abort(getattr(grpc.StatusCode, exc.code),
+            await context.abort(exc.status,
                                 f"{asm.request_id or '?'}: {exc.message}")
         metrics.KV_TRANSFERS.labels(outcome="ok").inc()
         metrics.KV_BYTES.inc(asm.received)
@@ -89,16 +102,5 @@ class DecodeServicer(serving_pb2_grpc.DecodeServicer):
 
     def _gauges(self) -> None:
         load = self.core.load()
-        metrics.RUNNING.set(load["running_requests"])
-        metrics.KV_BLOCKS.set(load["kv_blocks_in_use"])
-
-
-async def timed_forward(instance, ids, batch, caches):
-    t0 = time.perf_counter()
-    out = await instance.forward(ids, batch, caches)
-    metrics.STEP.observe(time.perf_counter() - t0)
-    metrics.BATCH.observe(len(batch.query_lens))
-    return out
-
-
-
+        metrics.RUNNING.set(load.running_requests)
+        metrics.KV_BLOCKS.set(load.kv_blocks_in_use)

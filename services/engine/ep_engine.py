@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.engine.ep_client import ExpertClient
+from services.engine.ep_client import EPError, ExpertClient
 from services.engine.microbatch import OverlapSettings
-from services.engine.overlap import ForwardStats, overlapped_forward
+from services.engine.overlap import ForwardStats, OverlappedStep
 from services.engine.reference import Completion, EngineStats, GenerationLoop, GenerationRequest
 from services.engine.trace import ChromeTrace
 from services.model.batch import AttentionBatch
@@ -31,6 +32,8 @@ FORWARD_SECONDS = Histogram("epserve_ep_forward_seconds", "one EP forward over a
 COMPUTE_SECONDS = Counter("epserve_ep_compute_seconds",
                           "compute-thread busy time of EP forwards (every torch op of a step)")
 SPLIT_STEPS = Counter("epserve_ep_split_steps", "EP forwards run as two micro-batches")
+REDONE_STEPS = Counter("epserve_ep_redone_steps", "EP steps redone after a failure, by reason",
+                       ["reason"])
 PLAN_VERSION = Gauge("epserve_ep_overlap_plan_version", "overlap plan version in use")
 log = structlog.get_logger("ep_engine")
 
@@ -38,11 +41,16 @@ log = structlog.get_logger("ep_engine")
 class EPEngine:
     """`plan` (an OverlapPlan proto or OverlapSettings: micro_batches, split_policy,
     min_batch_tokens, version) decides one or two micro-batches per step; whoever owns the
-    engine may replace it at any time (services/attention/plan_watch.py does, from NATS), and
-    forward() reads it once at its start, so a new plan takes effect at a step boundary.
-    `tracer` (a ChromeTrace) records every op of every step when set."""
+    engine may replace it at any time (`set_plan`; services/attention/plan_watch.py does, from
+    NATS), and forward() reads it once at its start, so a new plan takes effect at a step
+    boundary. Likewise `switch_client` hands over a client for a new expert topology, adopted
+    at the next step boundary. `tracer` (a ChromeTrace) records every op of every step when set.
 
-    def __init__(self, model: DeepseekModel, client: ExpertClient, block_size: int = 64,
+    `on_stale_placement`, when set, is asked for a newer client after a worker refused a step
+    as FAILED_PRECONDITION (its placement version is gone); the step is then redone on it.
+    Redoing is safe: a step rewrites the same KV positions with the same values."""
+
+    def __init__(self, model: DeepseekModel, client: ExpertClient | None, block_size: int = 64,
                  record_logits: bool = False, plan=None, tracer: ChromeTrace | None = None) -> None:
         self.model, self.client = model, client
         self.cfg = model.cfg
@@ -52,15 +60,69 @@ class EPEngine:
         self.tracer = tracer
         self.last_forward: ForwardStats | None = None
         self.plan_version_in_use: int | None = None
+        self.on_stale_placement: Callable[[], Awaitable[ExpertClient | None]] | None = None
+        self.redo_window_s = client.timeout_s if client is not None else 30.0
+        self._next_client: ExpertClient | None = None
         self._flushing: asyncio.Future | None = None
+
+    def set_plan(self, plan) -> None:
+        self.plan = plan
+
+    def switch_client(self, client: ExpertClient) -> None:
+        """Use `client` from the next step on (a client handed over earlier and not yet in
+        use is closed)."""
+        unused, self._next_client = self._next_client, client
+        if unused is not None:
+            asyncio.get_running_loop().create_task(unused.close())
+
+    async def _adopt_next_client(self) -> None:
+        old, self.client, self._next_client = self.client, self._next_client, None
+        if old is not None:
+            await old.close()
 
     async def forward(self, input_ids: torch.Tensor, batch: AttentionBatch,
                       caches: list[torch.Tensor], micro_batch: int = 0,
                       step_id: int | None = None) -> torch.Tensor:
-        """One step over the batch: logits [B, V] of each sequence's last token."""
+        """One step over the batch: logits [B, V] of each sequence's last token.
+
+        A step that failed because an expert worker died or stalled is redone (the client now
+        routes around that worker), for up to `redo_window_s`; when an expert has no live
+        replica the redo waits for a worker to come back or a new topology. Redoing is safe:
+        a step rewrites the same KV positions with the same values."""
+        if self._next_client is not None:
+            await self._adopt_next_client()
+        if self.client is None:
+            raise EPError("no expert topology yet", "UNAVAILABLE")
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.redo_window_s
+        while True:
+            try:
+                return await self._step(input_ids, batch, caches, micro_batch, step_id)
+            except EPError as exc:
+                step_id = None  # a redone step gets a fresh id
+                left = give_up - loop.time()
+                if exc.code == "FAILED_PRECONDITION" and self.on_stale_placement is not None:
+                    client = await self.on_stale_placement()
+                    if client is None:
+                        raise
+                    await self._adopt_next_client()
+                    REDONE_STEPS.labels(reason="stale_placement").inc()
+                    log.info("ep_step_redone_on_new_placement", version=client.table.version)
+                    continue
+                if not exc.worker_failed or left <= 0:
+                    raise
+                reason = "no_live_replica" if exc.no_live_replica else "worker_failed"
+                REDONE_STEPS.labels(reason=reason).inc()
+                log.warning("ep_step_redone", reason=reason, error=str(exc),
+                            down=sorted(self.client.down))
+                if exc.no_live_replica:  # wait for a worker to come back or a new topology
+                    await self.client.wait_for_change(min(left, 1.0))
+                if self._next_client is not None:
+                    await self._adopt_next_client()
+
+    async def _step(self, input_ids, batch, caches, micro_batch, step_id) -> torch.Tensor:
         t0 = time.perf_counter()
-        plan = self.plan  # read once: a plan change applies from the next step on
-        client = self.client  # likewise a topology switch (EPInstance swaps the client)
+        plan, client = self.plan, self.client  # read once: changes apply from the next step
         version = int(getattr(plan, "version", 0))
         if version != self.plan_version_in_use:
             log.info("overlap_plan_in_use", version=version, micro_batches=plan.micro_batches,
@@ -68,8 +130,8 @@ class EPEngine:
             self.plan_version_in_use = version
             PLAN_VERSION.set(version)
         step_id = client.new_step() if step_id is None else step_id
-        logits, self.last_forward = await overlapped_forward(
-            self.model, client, input_ids, batch, caches, plan, step_id, self.tracer, micro_batch)
+        logits, self.last_forward = await OverlappedStep(
+            self.model, client, input_ids, batch, caches, step_id, self.tracer).run(plan, micro_batch)
         FORWARD_SECONDS.observe(time.perf_counter() - t0)
         COMPUTE_SECONDS.inc(self.last_forward.compute_s)
         if self.last_forward.micro_batches > 1:
@@ -78,6 +140,12 @@ class EPEngine:
                 self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.get_running_loop().run_in_executor(None, self.tracer.write)
         return logits
+
+    async def close(self) -> None:
+        for client in (self._next_client, self.client):
+            if client is not None:
+                await client.close()
+        self.client = self._next_client = None
 
     async def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         loop = GenerationLoop(self.cfg, requests, self.block_size, self.model.dtype,

@@ -24,10 +24,12 @@ class WorkerShare:
     slots: torch.Tensor  # [n, K] int32 physical slots, -1 where held elsewhere
 
 
-def plan_dispatch(table: PlacementTable, layer_id: int, topk_ids: torch.Tensor) -> list[WorkerShare]:
-    """topk_ids [T, K] logical experts -> one WorkerShare per worker that has work."""
+def plan_dispatch(table: PlacementTable, layer_id: int, topk_ids: torch.Tensor,
+                  down: frozenset[int] = frozenset()) -> list[WorkerShare]:
+    """topk_ids [T, K] logical experts -> one WorkerShare per worker that has work; workers in
+    `down` get none (their experts go to surviving replicas; NoLiveReplica if there is none)."""
     slots = torch.from_numpy(np.ascontiguousarray(
-        table.route(layer_id, topk_ids.cpu().numpy()))).to(torch.int32)
+        table.route(layer_id, topk_ids.cpu().numpy(), down=down))).to(torch.int32)
     worker_of = slots // table.slots_per_worker
     shares = []
     for w in range(table.num_workers):

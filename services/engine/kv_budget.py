@@ -1,11 +1,13 @@
 """KV-cache admission for a decode instance (pure: no torch, no I/O).
 
-A request reserves, at admission, the blocks its whole life can need: prompt + max_tokens
-tokens (capped by the context). Because no running request can outgrow its reservation, a
+A request reserves, at admission, the blocks its whole life can need
+(services/balance/kv_reservation.py, the formula the router's balancer uses too). Because no running request can outgrow its reservation, a
 running request is never preempted and the block allocator never runs dry mid-step.
 """
 
 from __future__ import annotations
+
+from services.balance.kv_reservation import kv_blocks_needed
 
 
 class NeverFits(ValueError):
@@ -28,8 +30,7 @@ class KVBudget:
         return self.total_blocks - self.reserved_blocks
 
     def blocks_needed(self, prompt_tokens: int, max_tokens: int, context: int) -> int:
-        tokens = min(prompt_tokens + max_tokens, context)
-        return -(-tokens // self.block_size)
+        return kv_blocks_needed(prompt_tokens, max_tokens, self.block_size, context)
 
     def try_reserve(self, request_id: str, blocks: int) -> bool:
         """Reserve or return False (caller waits); raises NeverFits if it can never fit."""

@@ -2,7 +2,9 @@
 
 A sequence's latent KV [layers, tokens, latent_dim] travels as raw bytes in chunks of at most
 `chunk_bytes`. The receiver checks names, order, sizes, shape and checksum before a single
-value reaches its cache: any mismatch raises TransferError and nothing is installed.
+value reaches its cache: any mismatch raises TransferError and nothing is installed. The
+checksum covers the header too (request id, dtype, shape, first token, size): a flipped first
+token or shape is caught like flipped KV bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from services.common.errors import StatusError
 from services.engine.tensor_proto import dtype_from_proto, dtype_to_proto
 from services.engine.wire import WireError, WireTensor, decode, encode
 from services.protos_gen.epserve.v1 import serving_pb2
@@ -19,10 +22,14 @@ from services.protos_gen.epserve.v1 import serving_pb2
 CHUNK_BYTES = 1 << 20
 
 
-class TransferError(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+class TransferError(StatusError):
+    """A KV transfer that cannot be installed; nothing of it reached the cache."""
+
+
+def header_hash(request_id: str, dtype: int, shape, first_token: int, total_bytes: int):
+    header = f"{request_id}|{dtype}|{','.join(str(int(d)) for d in shape)}|{first_token}|" \
+             f"{total_bytes}|"
+    return hashlib.sha256(header.encode())
 
 
 def kv_chunks(request_id: str, latent: torch.Tensor, first_token: int,
@@ -30,7 +37,9 @@ def kv_chunks(request_id: str, latent: torch.Tensor, first_token: int,
     dtype = "bf16" if latent.dtype == torch.bfloat16 else "fp32"
     wire = encode(latent, dtype)
     data = wire.data
-    digest = hashlib.sha256(data).digest()
+    hasher = header_hash(request_id, dtype_to_proto(dtype), wire.shape, first_token, len(data))
+    hasher.update(data)
+    digest = hasher.digest()
     pieces = [data[i:i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
     for i, piece in enumerate(pieces):
         chunk = serving_pb2.KVChunk(request_id=request_id, index=i, data=piece,
@@ -50,7 +59,7 @@ class KVAssembler:
         self.request_id = ""
         self.first: serving_pb2.KVChunk | None = None
         self.parts: list[bytes] = []
-        self.hasher = hashlib.sha256()
+        self.hasher = None
         self.received = 0
         self.done = False
 
@@ -62,6 +71,8 @@ class KVAssembler:
             raise TransferError("INVALID_ARGUMENT", f"chunk {chunk.index} arrived, expected {expected}")
         if expected == 0:
             self.first, self.request_id = chunk, chunk.request_id
+            self.hasher = header_hash(chunk.request_id, chunk.dtype, chunk.shape,
+                                       chunk.first_token, chunk.total_bytes)
         elif chunk.request_id != self.request_id:
             raise TransferError("INVALID_ARGUMENT", "chunks of two requests in one transfer")
         self.parts.append(chunk.data)

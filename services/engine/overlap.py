@@ -242,14 +242,26 @@ class OverlappedStep:
         ends = torch.tensor(self.batch.query_lens).cumsum(0).tolist()
         return self.cut not in ends
 
-    async def run(self, plan, cfg, micro_batch: int = 0) -> torch.Tensor:
-        self.cut = plan_cut(self.batch, plan, cfg)
+    async def run(self, plan, micro_batch: int = 0) -> tuple[torch.Tensor, ForwardStats]:
+        """logits [B, V] of each sequence's last token, and how the step went (the step's
+        span goes to the tracer)."""
+        t0 = time.perf_counter()
+        self.cut = plan_cut(self.batch, plan, self.model.cfg)
         self.parts = micro_batches(self.batch, self.cut)
         self._hop_done = [asyncio.Event() for _ in range(len(self._layers) + 2)]
         runs = [self._run(mb, micro_batch if len(self.parts) == 1 else mb.index)
                 for mb in self.parts]
         hs = await _all_or_first_error(runs)
-        return await self._hop(-1, _logits_op, self.model, hs, self.batch.last_token_indices())
+        logits = await self._hop(-1, _logits_op, self.model, hs, self.batch.last_token_indices())
+        t1 = time.perf_counter()
+        stats = ForwardStats(self.step_id, "decode" if self.decode else "prefill",
+                             self.batch.num_tokens, len(self.parts), self.cut,
+                             int(getattr(plan, "version", 0)), t1 - t0, self.compute_s)
+        if self.tracer is not None:
+            self.tracer.span(STEPS, f"{stats.phase} step {self.step_id}", t0, t1,
+                             tokens=stats.tokens, micro_batches=stats.micro_batches, cut=stats.cut,
+                             plan_version=stats.plan_version, compute_s=round(stats.compute_s, 6))
+        return logits, stats
 
 
 def trace_dispatch(tracer: ChromeTrace, track: str, pending, **args) -> None:
@@ -306,16 +318,6 @@ async def _all_or_first_error(coros) -> list:
 async def overlapped_forward(model, client, input_ids: torch.Tensor, batch: AttentionBatch,
                              caches, plan, step_id: int, tracer: ChromeTrace | None = None,
                              micro_batch: int = 0) -> tuple[torch.Tensor, ForwardStats]:
-    """logits [B, V] of each sequence's last token, and how the step went."""
-    t0 = time.perf_counter()
+    """One step without an engine (tests, benchmarks): OverlappedStep(...).run(...)."""
     step = OverlappedStep(model, client, input_ids, batch, caches, step_id, tracer)
-    logits = await step.run(plan, model.cfg, micro_batch)
-    t1 = time.perf_counter()
-    stats = ForwardStats(step_id, "decode" if batch.is_decode else "prefill", batch.num_tokens,
-                         len(step.parts), step.cut, int(getattr(plan, "version", 0)), t1 - t0,
-                         step.compute_s)
-    if tracer is not None:
-        tracer.span(STEPS, f"{stats.phase} step {step_id}", t0, t1, tokens=stats.tokens,
-                    micro_batches=stats.micro_batches, cut=stats.cut,
-                    plan_version=stats.plan_version, compute_s=round(stats.compute_s, 6))
-    return logits, stats
+    return await step.run(plan, micro_batch)

@@ -16,6 +16,14 @@ class Sequence:
     max_context: int
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    # Tokens generated before this sequence started here (a migrated request: they end
+    # prompt_ids): the sampling step of the next token counts them too.
+    step_offset: int = 0
+
+    @property
+    def next_step(self) -> int:
+        """The sampling step of the next token (sampling noise is keyed by it)."""
+        return self.step_offset + len(self.output_ids)
 
     @property
     def total_len(self) -> int:

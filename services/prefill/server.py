@@ -19,12 +19,23 @@ from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
 log = structlog.get_logger("prefill")
 
 
+# A KV transfer is given this long plus its bytes at this rate (capped by
+# --transfer-timeout-s): a decode instance that stalls mid-transfer fails the transfer in about
+# a second for a small KV, not after the configured timeout.
+TRANSFER_FLOOR_S = 2.0
+TRANSFER_MIN_BYTES_PER_S = 20e6
+
+
+def transfer_deadline(nbytes: int, cap_s: float) -> float:
+    return min(cap_s, TRANSFER_FLOOR_S + nbytes / TRANSFER_MIN_BYTES_PER_S)
+
+
 class PrefillServicer(serving_pb2_grpc.PrefillServicer):
     def __init__(self, core: PrefillCore, instance_id: str, transfer_timeout_s: float,
                  chunk_bytes: int) -> None:
         self.core, self.instance_id = core, instance_id
         self.transfer_timeout_s, self.chunk_bytes = transfer_timeout_s, chunk_bytes
-        self.channels = Channels(512 << 20)
+        self.channels = Channels()
 
     def _decode_stub(self, endpoint: str) -> serving_pb2_grpc.DecodeStub:
         return serving_pb2_grpc.DecodeStub(self.channels.get(endpoint))
@@ -44,7 +55,8 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")
             try:
-                out = await self.core.submit(rid, list(request.prompt_ids), params)
+                out = await self.core.submit(rid, list(request.prompt_ids), params,
+                                             request.step_offset)
             except QueueFull as exc:
                 metrics.REQUESTS.labels(outcome="queue_full").inc()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{rid}: {exc}")
@@ -57,11 +69,17 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, f"{rid}: prefill failed: {exc}")
             metrics.PREFILL_SECONDS.observe(out.seconds)
             t0 = time.perf_counter()
+            nbytes = out.latent.numel() * out.latent.element_size()
             try:
                 ack = await self._decode_stub(request.decode_endpoint).TransferKV(
                     kv_chunks(rid, out.latent, out.first_token, self.chunk_bytes),
-                    timeout=self.transfer_timeout_s)
+                    timeout=transfer_deadline(nbytes, self.transfer_timeout_s))
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # an earlier attempt's arrived
+                    metrics.REQUESTS.labels(outcome="already_installed").inc()
+                    return serving_pb2.PrefillResult(
+                        instance_id=self.instance_id, first_token=out.first_token,
+                        prompt_tokens=len(request.prompt_ids), prefill_seconds=out.seconds)
                 metrics.REQUESTS.labels(outcome="transfer_failed").inc()
                 log.warning("kv_transfer_failed", decode=request.decode_endpoint,
                             code=exc.code().name, reason=exc.details())

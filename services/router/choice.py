@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from services.balance.decode_lb import DecodeBalancer
+from services.balance.decode_lb import DecodeBalancer, DecodeBalancerConfig
 from services.balance.prefill_lb import PrefillBalancer
 from services.router.instances import DECODE, PREFILL, Instance, decode_loads, prefill_loads
 
@@ -22,12 +22,13 @@ class NoInstance(RuntimeError):
 
 
 class InstanceChooser:
-    def __init__(self, mode: str = "load") -> None:
+    def __init__(self, mode: str = "load", context_tokens: int | None = None) -> None:
+        """context_tokens: the model's context, which caps a decode KV reservation."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.prefill_balancer = PrefillBalancer()
-        self.decode_balancer = DecodeBalancer()
+        self.decode_balancer = DecodeBalancer(DecodeBalancerConfig(context_tokens=context_tokens))
         self._next = {PREFILL: 0, DECODE: 0}  # round-robin cursors
 
     def choose_decode(self, eligible: Sequence[Instance], prompt_len: int, max_tokens: int,
@@ -56,8 +57,9 @@ class InstanceChooser:
     # both modes, so switching modes never leaves stale entries behind.
 
     def decode_dispatched(self, instance_id: str, request_id: str, prompt_len: int,
-                          max_tokens: int) -> None:
-        self.decode_balancer.on_dispatched(instance_id, request_id, prompt_len, max_tokens)
+                          max_tokens: int, block_tokens: int | None = None) -> None:
+        self.decode_balancer.on_dispatched(instance_id, request_id, prompt_len, max_tokens,
+                                           block_tokens)
 
     def prefill_dispatched(self, instance_id: str, request_id: str, prompt_len: int) -> None:
         self.prefill_balancer.on_dispatched(instance_id, request_id, prompt_len)

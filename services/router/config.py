@@ -1,31 +1,20 @@
-"""Router settings (flags / EPSERVE_* variables, see services/common/settings.py)."""
+"""Router settings (flags / EPSERVE_* variables, see services/common/settings.py); the fields
+every service has are in services/common/service.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.logging import LEVELS
+from services.common.service import ServiceConfig
 
 BALANCERS = ("load", "rr")
 
 
 @dataclass(frozen=True)
-class RouterConfig:
-    # model
-    model: str = field(default="", metadata={"help": "checkpoint directory (config + tokenizer)"})
+class RouterConfig(ServiceConfig):
     model_name: str = field(default="", metadata={
         "help": "model id clients name in requests (default: the directory's basename)"})
-    instance_id: str = field(default="", metadata={
-        "help": "this router's member id (default router-HOST-PID)"})
-    # endpoints
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server"})
-    host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen host"})
-    advertise_host: str = field(default="", metadata={
-        "help": "host others reach this service at (default: --host)"})
-    port: int = field(default=0, metadata={"help": "gRPC listen port (0 = pick a free one)"})
-    port_file: str = field(default="", metadata={"help": "write the bound port here"})
-    metrics_port: int = field(default=-1, metadata={"help": "Prometheus port (-1 off, 0 any)"})
     http_port: int = field(default=-1, metadata={
         "help": "OpenAI-compatible HTTP API port (-1 off, 0 any): /v1/completions, "
                 "/v1/chat/completions, /v1/models"})
@@ -34,13 +23,12 @@ class RouterConfig:
         "help": "requests in flight at once; more are rejected (RESOURCE_EXHAUSTED), never queued"})
     balancer: str = field(default="load", metadata={
         "help": "instance choice: load (prefill/decode load balancers) or rr (round-robin)"})
-    # membership
-    heartbeat_interval_s: float = field(default=0.5, metadata={
-        "help": "heartbeat period (own heartbeats; also the period expected from instances)"})
+    # membership (heartbeat_interval_s is also the period expected from instances)
     dead_after_missed: int = field(default=3, metadata={
         "help": "an instance not heard from for this many intervals takes no new requests"})
-    instance_wait_s: float = field(default=30.0, metadata={
-        "help": "at start, wait this long for a prefill and a decode instance before SERVING"})
+    instance_wait_s: float = field(default=300.0, metadata={
+        "help": "at start, SERVING only once a prefill and a decode instance are eligible; "
+                "none after this long: exit (1) to be restarted"})
     # requests
     request_timeout_s: float = field(default=300.0, metadata={
         "help": "deadline of one request end to end (every internal call inherits it)"})
@@ -48,18 +36,22 @@ class RouterConfig:
         "help": "re-drives of a failed prefill (another instance when there is one)"})
     decode_attempts: int = field(default=3, metadata={
         "help": "decode instances tried when one refuses a request (full, draining)"})
-    # lifecycle
-    drain_grace_s: float = field(default=0.0, metadata={
-        "help": "NOT_SERVING this long before waiting for in-flight requests"})
-    log_level: str = field(default="info", metadata={"help": "debug|info|warning|error"})
+    # failover
+    migration_limit: int = field(default=3, metadata={
+        "help": "times a request may move to another decode instance when its own fails, "
+                "stalls or is cut off (0 = never)"})
+    failover_wait_s: float = field(default=20.0, metadata={
+        "help": "a request waits this long for an instance to become eligible again when all "
+                "of a role are known but none is (restarting, suspected)"})
+    token_gap_floor_s: float = field(default=2.0, metadata={
+        "help": "a decode stream silent for max(this, 8 x the slow token gaps measured) is "
+                "moved (its instance is stalled or cut off)"})
+    prefill_floor_s: float = field(default=5.0, metadata={
+        "help": "a prefill call is given max(this, 8 x the slow prefills measured, per token) "
+                "before it is re-driven elsewhere"})
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("--model is required")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
-        if not -1 <= self.metrics_port <= 65535:
-            raise ValueError(f"--metrics-port must be -1 (off) or a port, got {self.metrics_port}")
+        super().__post_init__()
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"--http-port must be -1 (off) or a port, got {self.http_port}")
         if self.max_inflight < 1:
@@ -67,8 +59,6 @@ class RouterConfig:
         if self.balancer not in BALANCERS:
             raise ValueError(f"--balancer must be one of {'|'.join(BALANCERS)}, "
                              f"got {self.balancer!r}")
-        if not self.heartbeat_interval_s > 0:
-            raise ValueError("--heartbeat-interval-s must be > 0")
         if self.dead_after_missed < 1:
             raise ValueError("--dead-after-missed must be >= 1")
         if self.instance_wait_s < 0:
@@ -79,10 +69,14 @@ class RouterConfig:
             raise ValueError("--prefill-retries must be >= 0")
         if self.decode_attempts < 1:
             raise ValueError("--decode-attempts must be >= 1")
-        if self.drain_grace_s < 0:
-            raise ValueError("--drain-grace-s must be >= 0")
-        if self.log_level.lower() not in LEVELS:
-            raise ValueError(f"--log-level must be one of {sorted(LEVELS)}")
+        if self.migration_limit < 0:
+            raise ValueError("--migration-limit must be >= 0")
+        if self.failover_wait_s < 0:
+            raise ValueError("--failover-wait-s must be >= 0")
+        if not 0 < self.token_gap_floor_s <= self.request_timeout_s:
+            raise ValueError("--token-gap-floor-s must be in (0, --request-timeout-s]")
+        if not 0 < self.prefill_floor_s <= self.request_timeout_s:
+            raise ValueError("--prefill-floor-s must be in (0, --request-timeout-s]")
 
     @property
     def served_model_name(self) -> str:

@@ -1,49 +1,36 @@
-"""One request's path through the cluster: reserve on a decode instance, prefill, relay tokens.
+"""One request's path through the cluster, as one or more attempts (attempt.py).
 
-1. Decode.Generate on a chosen decode instance; its first event says the KV budget is reserved
-   (a refusal — full, draining — moves on to another instance, up to `decode_attempts`).
-2. Prefill.Prefill on a chosen prefill instance, naming the decode instance: it runs the prompt,
-   samples token 0 and pushes the latent KV there. A failed prefill or transfer (the decode
-   side fails closed and keeps the reservation) is re-driven on another instance.
-3. Tokens stream back from decode with seq numbers, are checked (no gap, no duplicate),
-   detokenised (UTF-8 safe) and relayed. Leaving early for any reason cancels the decode call,
-   which frees the decode slot.
+The client sees one contiguous stream: token indices 0, 1, 2, ... across attempts, checked
+(no gap, no duplicate), detokenised incrementally (UTF-8 safe) and relayed as they come.
+
+Migration: when an attempt's decode instance breaks its stream, ends it early or goes silent,
+the request moves (Dynamo's design, made exact): the next attempt sends prompt + every token
+already streamed, the remaining max_tokens and the same sampling parameters with the sampling
+step offset by the tokens streamed, so greedy and seeded outputs are what an uninterrupted run
+gives. At most `migration_limit` moves per request; a request whose last token was already
+streamed (a stop token, max_tokens, the context) finishes here without a new attempt.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
-from services.common.channels import Channels
 from services.engine.sampling_proto import params_to_proto
 from services.model.detokenizer import IncrementalDetokenizer
 from services.model.tokenizer import Tokenizer
-from services.protos_gen.epserve.v1 import inference_pb2, serving_pb2, serving_pb2_grpc
+from services.protos_gen.epserve.v1 import inference_pb2
 from services.router import metrics
-from services.router.choice import InstanceChooser, NoInstance
-from services.router.instances import DECODE, PREFILL, InstanceView
+from services.router.attempt import Attempt, AttemptPlan, Migrate, Parts, RequestFailed
 from services.router.sequence import SequenceError, TokenSequenceChecker
 from services.router.validation import ValidRequest
 
+__all__ = ["Outcome", "RequestFailed", "RequestFlow"]
 log = structlog.get_logger("router")
-# Codes with which an instance says "not me, not now": try another one.
-DECODE_REFUSALS = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
-PREFILL_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
-                     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
-
-
-class RequestFailed(Exception):
-    """Ends a request with a gRPC status; the message names the request id."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass
@@ -55,188 +42,105 @@ class Outcome:
     ttft_s: float = 0.0
     prefill_instance: str = ""
     decode_instance: str = ""
+    migrations: int = 0
     started_at: float = field(default_factory=time.time)
 
 
 class RequestFlow:
-    def __init__(self, view: InstanceView, chooser: InstanceChooser, channels: Channels,
-                 tokenizer: Tokenizer, timeout_s: float, prefill_retries: int,
-                 decode_attempts: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.view, self.chooser, self.channels = view, chooser, channels
-        self.tokenizer, self.timeout_s = tokenizer, timeout_s
-        self.prefill_retries, self.decode_attempts = prefill_retries, decode_attempts
-        self.clock = clock
+    def __init__(self, parts: Parts, tokenizer: Tokenizer, timeout_s: float,
+                 migration_limit: int, eos_token_id: int | None, context_tokens: int) -> None:
+        self.parts, self.tokenizer, self.timeout_s = parts, tokenizer, timeout_s
+        self.migration_limit = migration_limit
+        self.eos_token_id, self.context_tokens = eos_token_id, context_tokens
 
     async def run(self, req: ValidRequest, outcome: Outcome
                   ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        t0 = self.clock()
+        clock = self.parts.clock
+        t0 = clock()
         deadline = t0 + self.timeout_s
-        rid, sampling = req.request_id, params_to_proto(req.sampling)
-        call, decode_id, decode_endpoint = await self._open_decode(req, sampling, deadline)
-        outcome.decode_instance = decode_id
-        prefill = asyncio.create_task(self._prefill(req, sampling, decode_endpoint, deadline,
-                                                    outcome))
+        rid = req.request_id
         checker = TokenSequenceChecker(req.sampling.max_tokens)
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
-        finished = False
+        streamed: list[int] = []
         last_token_at = None
-        read: asyncio.Future | None = None
-        try:
-            while True:
-                read = read or asyncio.ensure_future(call.read())
-                waiting = {read} if prefill.done() else {read, prefill}
-                done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - self.clock()),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        f"{rid}: no result within {self.timeout_s}s")
-                if prefill in done and prefill.exception() is not None:
-                    raise prefill.exception()
-                if read not in done:
-                    continue
-                event = _event(read, rid, decode_id)
-                read = None
-                kind = event.WhichOneof("kind")
-                if kind == "token":
-                    try:
-                        checker.accept(event.token.seq, event.token.token_id)
-                    except SequenceError as exc:
-                        raise RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: {exc}") from exc
-                    now = self.clock()
-                    if last_token_at is None:
-                        outcome.ttft_s = now - t0
-                        metrics.TTFT.observe(outcome.ttft_s)
-                    else:
-                        metrics.TPOT.observe(now - last_token_at)
-                    last_token_at = now
-                    outcome.completion_tokens = checker.received
-                    metrics.COMPLETION_TOKENS.inc()
-                    yield inference_pb2.GenerateResponse(delta=inference_pb2.TokenDelta(
-                        index=event.token.seq, token_ids=[event.token.token_id],
-                        text=detok.push(event.token.token_id)))
-                elif kind == "finished":
-                    try:
-                        checker.check_finished(event.finished.completion_tokens)
-                    except SequenceError as exc:
-                        raise RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: {exc}") from exc
-                    finished = True
-                    outcome.finish_reason = event.finished.finish_reason
-                    total = self.clock() - t0
-                    yield inference_pb2.GenerateResponse(final=inference_pb2.GenerateFinal(
-                        request_id=rid, finish_reason=outcome.finish_reason, text=detok.flush(),
-                        usage=inference_pb2.Usage(
-                            prompt_tokens=len(req.prompt_ids),
-                            completion_tokens=checker.received,
-                            time_to_first_token_s=outcome.ttft_s, total_time_s=total,
-                            prompt_cache_miss_tokens=len(req.prompt_ids))))
+        while True:
+            plan = self._plan(req, streamed, outcome.migrations)
+            attempt = Attempt(self.parts, plan, deadline, outcome)
+            base = len(streamed)
+            try:
+                async for event in attempt.events():
+                    kind = event.WhichOneof("kind")
+                    if kind == "token":
+                        try:
+                            checker.accept(base + event.token.seq, event.token.token_id)
+                        except SequenceError as exc:
+                            raise RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: {exc}") from exc
+                        now = clock()
+                        if last_token_at is None:
+                            outcome.ttft_s = now - t0
+                            metrics.TTFT.observe(outcome.ttft_s)
+                        else:
+                            metrics.TPOT.observe(now - last_token_at)
+                        last_token_at = now
+                        streamed.append(event.token.token_id)
+                        outcome.completion_tokens = checker.received
+                        metrics.COMPLETION_TOKENS.inc()
+                        yield inference_pb2.GenerateResponse(delta=inference_pb2.TokenDelta(
+                            index=base + event.token.seq, token_ids=[event.token.token_id],
+                            text=detok.push(event.token.token_id)))
+                    elif kind == "finished":
+                        try:
+                            checker.check_finished(base + event.finished.completion_tokens)
+                        except SequenceError as exc:
+                            raise RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: {exc}") from exc
+                        yield self._final(req, outcome, event.finished.finish_reason, detok,
+                                          checker.received, clock() - t0)
+                        return
+            except Migrate as move:
+                reason = self._already_finished(req, streamed)
+                if reason is not None:  # the last token was out: nothing left to generate
+                    yield self._final(req, outcome, reason, detok, checker.received,
+                                      clock() - t0)
                     return
-        finally:
-            if read is not None:
-                read.cancel()
-            if not finished:
-                call.cancel()  # the decode instance frees the slot when its stream ends
-            if not prefill.done():
-                prefill.cancel()
-            await asyncio.gather(prefill, return_exceptions=True)
-            self.chooser.decode_finished(rid)
+                self._migrate(req, outcome, move)
 
-    async def _open_decode(self, req: ValidRequest, sampling, deadline: float):
-        rid, avoid = req.request_id, set()
-        last_error, last_code = "", None
-        for _ in range(self.decode_attempts):
-            eligible = self.view.eligible(DECODE, self.clock())
-            try:
-                inst = self.chooser.choose_decode(eligible, len(req.prompt_ids),
-                                                  req.sampling.max_tokens, avoid)
-            except NoInstance as exc:
-                # Every instance refused: pass on why (a request that does not fit stays
-                # RESOURCE_EXHAUSTED); none serving at all is UNAVAILABLE.
-                detail = f"{exc}; {self.view.describe(DECODE, self.clock())}"
-                raise RequestFailed(last_code or grpc.StatusCode.UNAVAILABLE,
-                                    f"{rid}: {detail}{last_error}") from exc
-            # Recorded before the first await: concurrent requests must see each other's
-            # choice, or they all pick the same instance between two heartbeats.
-            self.chooser.decode_dispatched(inst.instance_id, rid, len(req.prompt_ids),
-                                           req.sampling.max_tokens)
-            stub = serving_pb2_grpc.DecodeStub(self.channels.get(inst.endpoint))
-            call = stub.Generate(serving_pb2.DecodeRequest(
-                request_id=rid, prompt_ids=req.prompt_ids, sampling=sampling),
-                timeout=max(0.001, deadline - self.clock()))
-            try:
-                first = await call.read()
-            except asyncio.CancelledError:  # the client left while we waited for the decision
-                call.cancel()
-                self.chooser.decode_finished(rid)
-                raise
-            except grpc.aio.AioRpcError as exc:
-                self.chooser.decode_finished(rid)
-                if exc.code() not in DECODE_REFUSALS:
-                    raise _failed(exc, rid, f"decode {inst.instance_id}") from exc
-                metrics.DECODE_REFUSALS.inc()
-                log.info("decode_refused", decode=inst.instance_id, code=exc.code().name,
-                         reason=exc.details())
-                avoid.add(inst.instance_id)
-                last_error = f" (last refusal: {inst.instance_id}: {exc.details()})"
-                last_code = exc.code()
-                continue
-            if first is grpc.aio.EOF or first.WhichOneof("kind") != "accepted":
-                call.cancel()
-                self.chooser.decode_finished(rid)
-                raise RequestFailed(grpc.StatusCode.INTERNAL,
-                                    f"{rid}: decode {inst.instance_id} did not accept the request")
-            return call, inst.instance_id, inst.endpoint
-        raise RequestFailed(last_code or grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"{rid}: every decode instance tried refused the request{last_error}")
+    def _plan(self, req: ValidRequest, streamed: list[int], migrations: int) -> AttemptPlan:
+        sampling = params_to_proto(req.sampling)
+        sampling.max_tokens = req.sampling.max_tokens - len(streamed)
+        # A migrated attempt gets its own internal id: the old instance may still hold the
+        # request (a stalled one), and "#" is not allowed in client ids, so none collides.
+        rid = req.request_id if not migrations else f"{req.request_id}#m{migrations}"
+        return AttemptPlan(rid, list(req.prompt_ids) + streamed, sampling, len(streamed))
 
-    async def _prefill(self, req: ValidRequest, sampling, decode_endpoint: str, deadline: float,
-                       outcome: Outcome) -> serving_pb2.PrefillResult:
-        rid, avoid = req.request_id, set()
-        for attempt in range(1 + self.prefill_retries):
-            eligible = self.view.eligible(PREFILL, self.clock())
-            try:
-                inst = self.chooser.choose_prefill(eligible, len(req.prompt_ids), avoid)
-            except NoInstance as exc:
-                raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
-                                    f"{rid}: {exc}; {self.view.describe(PREFILL, self.clock())}"
-                                    ) from exc
-            outcome.prefill_instance = inst.instance_id
-            self.chooser.prefill_dispatched(inst.instance_id, rid, len(req.prompt_ids))
-            stub = serving_pb2_grpc.PrefillStub(self.channels.get(inst.endpoint))
-            try:
-                return await stub.Prefill(serving_pb2.PrefillRequest(
-                    request_id=rid, prompt_ids=req.prompt_ids, sampling=sampling,
-                    decode_endpoint=decode_endpoint), timeout=max(0.001, deadline - self.clock()))
-            except grpc.aio.AioRpcError as exc:
-                retry = exc.code() in PREFILL_RETRYABLE and attempt < self.prefill_retries
-                log.warning("prefill_failed", prefill=inst.instance_id, code=exc.code().name,
-                            reason=exc.details(), retry=retry)
-                if not retry:
-                    raise _failed(exc, rid, f"prefill {inst.instance_id}") from exc
-                metrics.PREFILL_RETRIES.inc()
-                avoid.add(inst.instance_id)
-            finally:
-                self.chooser.prefill_finished(rid)
-        raise AssertionError("unreachable")
+    def _migrate(self, req: ValidRequest, outcome: Outcome, move: Migrate) -> None:
+        rid = req.request_id
+        if outcome.migrations >= self.migration_limit:
+            raise RequestFailed(move.code, f"{rid}: {move.message}; migration limit "
+                                           f"{self.migration_limit} reached")
+        outcome.migrations += 1
+        metrics.MIGRATIONS.labels(reason=move.reason).inc()
+        if move.decode_at_fault:
+            self.parts.view.suspect(move.instance_id, self.parts.clock())
+        log.warning("request_migrated", reason=move.reason, decode=move.instance_id,
+                    error=move.message, tokens_streamed=outcome.completion_tokens,
+                    migration=outcome.migrations)
 
+    def _already_finished(self, req: ValidRequest, streamed: list[int]) -> str | None:
+        s = req.sampling
+        if streamed and (streamed[-1] in s.stop_token_ids
+                         or (streamed[-1] == self.eos_token_id and not s.ignore_eos)):
+            return "stop"
+        if len(streamed) >= s.max_tokens or len(req.prompt_ids) + len(streamed) \
+                >= self.context_tokens:
+            return "length"
+        return None
 
-def _event(read: asyncio.Future, rid: str, decode_id: str) -> serving_pb2.DecodeEvent:
-    try:
-        event = read.result()
-    except grpc.aio.AioRpcError as exc:
-        raise _failed(exc, rid, f"decode {decode_id}") from exc
-    if event is grpc.aio.EOF:
-        raise RequestFailed(grpc.StatusCode.INTERNAL,
-                            f"{rid}: decode {decode_id} ended the stream without finishing")
-    return event
-
-
-def _failed(exc: grpc.aio.AioRpcError, rid: str, where: str) -> RequestFailed:
-    """An instance's error, passed on with where it happened (the instance already named the
-    request id in its message)."""
-    code = exc.code()
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-        code = grpc.StatusCode.INTERNAL  # the router validated: an instance disagreeing is ours
-    details = exc.details() or code.name
-    if not details.startswith(rid):
-        details = f"{rid}: {details}"
-    return RequestFailed(code, f"{details} ({where})")
+    def _final(self, req: ValidRequest, outcome: Outcome, reason: str, detok, received: int,
+               total_s: float) -> inference_pb2.GenerateResponse:
+        outcome.finish_reason = reason
+        return inference_pb2.GenerateResponse(final=inference_pb2.GenerateFinal(
+            request_id=req.request_id, finish_reason=reason, text=detok.flush(),
+            usage=inference_pb2.Usage(
+                prompt_tokens=len(req.prompt_ids), completion_tokens=received,
+                time_to_first_token_s=outcome.ttft_s, total_time_s=total_s,
+                prompt_cache_miss_tokens=len(req.prompt_ids))))

@@ -16,6 +16,8 @@ E2E = Histogram("epserve_router_request_seconds", "request time end to end",
 PREFILL_RETRIES = Counter("epserve_router_prefill_retries_total", "prefills re-driven")
 DECODE_REFUSALS = Counter("epserve_router_decode_refusals_total",
                           "decode instances that refused a request (full, draining)")
+MIGRATIONS = Counter("epserve_router_migrations_total",
+                     "requests moved to another decode instance mid-stream, by reason", ["reason"])
 ELIGIBLE = Gauge("epserve_router_eligible_instances", "instances taking new requests", ["role"])
 USAGE_PUBLISH_ERRORS = Counter("epserve_router_usage_publish_errors_total",
                                "usage records that could not be written to JetStream")

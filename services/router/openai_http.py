@@ -152,7 +152,7 @@ class OpenAIHttp:
             try:
                 first = await anext(responses)  # refusals surface here, before any byte
             except RequestFailed as exc:
-                return _error(STATUS.get(exc.code, 500), exc.message, exc.code.name.lower())
+                return _error(STATUS.get(exc.status, 500), exc.message, exc.code.lower())
             except StopAsyncIteration:
                 return _error(500, f"{rid}: empty response", "internal")
             if stream:
@@ -180,7 +180,7 @@ class OpenAIHttp:
                     final = resp.final
                     pieces.append(final.text)
         except RequestFailed as exc:
-            return _error(STATUS.get(exc.code, 500), exc.message, exc.code.name.lower())
+            return _error(STATUS.get(exc.status, 500), exc.message, exc.code.lower())
         usage = final.usage
         return web.json_response({
             "id": rid, "object": kind, "created": created, "model": self.gateway.limits.name,
@@ -215,7 +215,7 @@ class OpenAIHttp:
                                   "total_tokens": u.prompt_tokens + u.completion_tokens}})
         except RequestFailed as exc:  # headers are sent: the error travels as an event
             await send({"error": {"message": exc.message, "type": "server_error",
-                                  "code": exc.code.name.lower()}})
+                                  "code": exc.code.lower()}})
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out

@@ -100,14 +100,16 @@ class Gateway:
                 metrics.REQUESTS.labels(outcome=outcome_name).inc()
                 self.usage.publish_later(self._record(valid, outcome))
                 log.info("request_done", outcome=outcome_name, finish=outcome.finish_reason,
+                         migrations=outcome.migrations,
                          completion_tokens=outcome.completion_tokens,
                          decode=outcome.decode_instance, prefill=outcome.prefill_instance)
             if error is not None:
-                log.warning("request_failed", code=error.code.name, reason=error.message)
+                log.warning("request_failed", code=error.code, reason=error.message)
                 raise error
 
     def _record(self, req: ValidRequest, outcome: Outcome) -> control_pb2.UsageRecord:
         return control_pb2.UsageRecord(
+            usage_id=new_usage_id(), migrations=outcome.migrations,
             request_id=req.request_id, model=self.limits.name, started_at=outcome.started_at,
             finished_at=time.time(), prompt_tokens=len(req.prompt_ids),
             prompt_cache_hit_tokens=0, prompt_cache_miss_tokens=len(req.prompt_ids),
@@ -118,6 +120,12 @@ class Gateway:
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:20]}"
+
+
+def new_usage_id() -> str:
+    """The server's own id of an accepted request: the usage record's JetStream message id,
+    so two different requests that reuse a client id are both billed."""
+    return f"usage-{uuid.uuid4().hex}"
 
 
 class RouterServicer(inference_pb2_grpc.InferenceServicer):
@@ -131,7 +139,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
             async for response in self.gateway.generate(raw):
                 yield response
         except RequestFailed as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.status, exc.message)
 
     async def Tokenize(self, request, context):  # noqa: N802
         if request.model and request.model != self.limits.name:

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.common.logging import LEVELS
+from services.common.service import ServiceConfig
 
 SPLIT_POLICIES = ("balanced_attention", "even_tokens")
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(ServiceConfig):
     # model and initial expert placement (used only while NATS holds no topology yet)
-    model: str = field(default="", metadata={"help": "checkpoint directory (expert count, layers)"})
     expert_workers: int = field(default=0, metadata={"help": "expert workers (EP ranks), E"})
     redundant_experts: int = field(default=0, metadata={"help": "redundant expert slots, R"})
-    # control plane
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server"})
     instance_id: str = field(default="scheduler", metadata={"help": "this scheduler's member id"})
-    # membership
-    heartbeat_interval_s: float = field(default=0.5, metadata={
-        "help": "interval every instance heartbeats at (also this scheduler's own)"})
+    # membership (every instance heartbeats at heartbeat_interval_s, this scheduler too)
     dead_after_missed: int = field(default=3, metadata={
         "help": "an instance silent for this many intervals is marked DEAD"})
     member_refresh_s: float = field(default=2.0, metadata={
@@ -50,29 +45,14 @@ class SchedulerConfig:
     eplb_groups: int = field(default=0, metadata={
         "help": "expert groups for hierarchical placement (0 = the model's n_group)"})
     eplb_policy: str = field(default="auto", metadata={"help": "auto | hierarchical | global"})
-    # serving
-    host: str = field(default="127.0.0.1", metadata={"help": "gRPC (health) listen host"})
-    advertise_host: str = field(default="", metadata={
-        "help": "host others reach this service at (default: --host)"})
-    port: int = field(default=0, metadata={"help": "gRPC listen port (0 = pick a free one)"})
-    port_file: str = field(default="", metadata={"help": "write the bound port here"})
-    metrics_port: int = field(default=-1, metadata={"help": "Prometheus port (-1 off, 0 any)"})
-    drain_grace_s: float = field(default=0.0, metadata={"help": "NOT_SERVING before closing"})
-    log_level: str = field(default="info", metadata={"help": "debug|info|warning|error"})
-
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("--model is required")
+        super().__post_init__()
         if self.expert_workers < 1:
             raise ValueError(f"--expert-workers must be >= 1, got {self.expert_workers}")
         if self.redundant_experts < 0:
             raise ValueError(f"--redundant-experts must be >= 0, got {self.redundant_experts}")
-        if not self.nats_url:
-            raise ValueError("--nats-url is required")
         if not self.instance_id:
             raise ValueError("--instance-id must not be empty")
-        if self.heartbeat_interval_s <= 0:
-            raise ValueError(f"--heartbeat-interval-s must be > 0, got {self.heartbeat_interval_s}")
         if self.dead_after_missed < 1:
             raise ValueError(f"--dead-after-missed must be >= 1, got {self.dead_after_missed}")
         if self.member_refresh_s <= 0:
@@ -100,14 +80,8 @@ class SchedulerConfig:
         if self.eplb_policy not in ("auto", "hierarchical", "global"):
             raise ValueError(f"--eplb-policy must be auto|hierarchical|global, got "
                              f"{self.eplb_policy!r}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
-        if self.metrics_port < -1 or self.metrics_port > 65535:
-            raise ValueError(f"--metrics-port must be -1 or in [0, 65535], got {self.metrics_port}")
-        if self.drain_grace_s < 0:
-            raise ValueError(f"--drain-grace-s must be >= 0, got {self.drain_grace_s}")
-        if self.log_level.lower() not in LEVELS:
-            raise ValueError(f"--log-level must be one of {sorted(LEVELS)}, got {self.log_level!r}")
+        if not self.nats_url:
+            raise ValueError("--nats-url is required")
 
     @property
     def dead_after_s(self) -> float:

@@ -80,6 +80,13 @@ class Membership:
         previous.last_seen = now
         return changed
 
+    def restart_windows(self, now: float) -> None:
+        """Every live member's liveness window starts again at `now` (after a control-plane
+        outage, as after a restore: what was missed meanwhile says nothing)."""
+        for instance_id, member in self._members.items():
+            if member.state != control_pb2.STATE_DEAD:
+                self._heard_at[instance_id] = max(now, self._heard_at[instance_id])
+
     def sweep(self, now: float) -> list[str]:
         """Marks DEAD every member silent for more than `dead_after_s`; returns their ids."""
         newly_dead = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from services.common.subjects import ROLE_NAMES, STATE_NAMES
+from services.common.states import InstanceState, Role
 from services.protos_gen.epserve.v1 import control_pb2
 
 
@@ -38,14 +38,14 @@ class SchedulerMetrics:
 
     def set_members(self, counts: dict[tuple[int, int], int]) -> None:
         """Every (role, state) pair is exported, zeros included, so a series never goes stale."""
-        for role, role_name in ROLE_NAMES.items():
-            for state, state_name in STATE_NAMES.items():
-                self.members.labels(role=role_name, state=state_name).set(
-                    counts.get((role, state), 0))
+        for role in Role:
+            for state in InstanceState:
+                self.members.labels(role=role, state=state).set(
+                    counts.get((role.proto, state.proto), 0))
 
     def set_topology(self, topo: control_pb2.Topology) -> None:
         self.topology_version.set(topo.version)
         self.topology_ready.set(1 if topo.worker_endpoints and all(topo.worker_endpoints) else 0)
 
     def heartbeat(self, role: int) -> None:
-        self.heartbeats.labels(role=ROLE_NAMES.get(role, "unknown")).inc()
+        self.heartbeats.labels(role=Role.from_proto(role) or "unknown").inc()

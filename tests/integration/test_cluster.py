@@ -344,16 +344,25 @@ def test_one_usage_record_per_request(cluster, workload_and_reference):
 
 
 def test_scheduler_restart_changes_no_output(cluster, workload_and_reference):
+    """The restarted scheduler recovers its state from NATS: a plan written to the bucket
+    before the restart (one the flags would never seed) is what it reports afterwards."""
     reqs, expected = workload_and_reference
+    marker = control_pb2.OverlapPlan(version=7, micro_batches=1,
+                                     split_policy="balanced_attention", min_batch_tokens=16)
 
-    async def topology():
+    async def buckets(new_plan=None):
         nc = await nats.connect(cluster.nats_url)
-        kv = await nc.jetstream().key_value(subjects.TOPOLOGY_BUCKET)
-        topo = await kv_get(kv, subjects.TOPOLOGY_KEY, control_pb2.Topology)
+        js = nc.jetstream()
+        topo = await kv_get(await js.key_value(subjects.TOPOLOGY_BUCKET), subjects.TOPOLOGY_KEY,
+                            control_pb2.Topology)
+        plan_kv = await js.key_value(subjects.PLAN_BUCKET)
+        if new_plan is not None:
+            await plan_kv.put(subjects.PLAN_KEY, new_plan.SerializeToString())
+        plan = await kv_get(plan_kv, subjects.PLAN_KEY, control_pb2.OverlapPlan)
         await nc.close()
-        return topo
+        return topo, plan
 
-    before = asyncio.run(topology())
+    before, _ = asyncio.run(buckets(marker))
     scheduler = cluster.process("scheduler")
 
     async def during_restart():
@@ -366,8 +375,11 @@ def test_scheduler_restart_changes_no_output(cluster, workload_and_reference):
 
     got = asyncio.run(during_restart())
     check_invariant(reqs, expected, got)
-    after = asyncio.run(topology())
-    assert after == before  # recovered from NATS, not re-planned
+    after, plan = asyncio.run(buckets())
+    assert after == before and plan == marker  # recovered from NATS, not re-planned or seeded
+    seen = scrape_metrics(cluster.metrics_urls["scheduler"])
+    assert seen["epserve_scheduler_plan_version"] == 7  # what the new process read back
+    assert seen["epserve_scheduler_topology_version"] == before.version
     got_again = asyncio.run(run_remote(cluster.router_endpoint, reqs, "-after"))
     check_invariant(reqs, expected, got_again)
 

@@ -5,8 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.balance.decode_lb import DecodeBalancer, DecodeBalancerConfig, DecodeInstanceLoad
-from services.balance.ledger import DispatchLedger, InstanceState, NoEligibleInstance
+from services.balance.ledger import DispatchLedger, NoEligibleInstance
 from services.balance.prefill_lb import PrefillBalancer, PrefillBalancerConfig, PrefillInstanceLoad
+from services.common.states import InstanceState
 
 # ---- prefill ------------------------------------------------------------------------------------
 
@@ -93,7 +94,7 @@ def test_prefill_choice_minimises_the_worst_normalised_load(rows, prompt_len):
         )
         for n, (tok, side, state) in enumerate(rows)
     ]
-    active = [i for i in instances if i.state is InstanceState.ACTIVE]
+    active = [i for i in instances if i.state is InstanceState.SERVING]
     if not active:
         with pytest.raises(NoEligibleInstance):
             PrefillBalancer().choose(instances, prompt_len)
@@ -190,10 +191,10 @@ def test_decode_spreads_equal_requests_round_robin_when_reports_are_stale():
 )
 def test_decode_choice_minimises_the_worst_normalised_load(rows, prompt_len):
     instances = [
-        decode(f"i{n}", used, total=total, running=running, state="active" if up else "draining")
+        decode(f"i{n}", used, total=total, running=running, state="serving" if up else "draining")
         for n, (used, total, running, up) in enumerate(rows)
     ]
-    active = [i for i in instances if i.state is InstanceState.ACTIVE]
+    active = [i for i in instances if i.state is InstanceState.SERVING]
     if not active:
         with pytest.raises(NoEligibleInstance):
             DecodeBalancer().choose(instances, prompt_len)

@@ -17,19 +17,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from services.engine.ep_client import (
-    DISPATCH_SECONDS,
-    EPError,
-    PendingDispatch,
-    WorkerTiming,
-)
 from services.engine.ep_plan import WorkerShare
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.microbatch import OverlapSettings
 from services.engine.overlap import overlapped_forward, trace_dispatch
+from services.engine.pending_dispatch import DISPATCH_SECONDS, PendingDispatch
 from services.engine.tensor_proto import to_proto
 from services.engine.trace import ChromeTrace
 from services.engine.wire import encode
+from services.engine.worker_stream import EPError, WorkerTiming
 from services.model.loader import load_model
 from services.protos_gen.epserve.v1 import expert_pb2
 

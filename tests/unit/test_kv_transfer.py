@@ -10,7 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.engine.kv_transfer import CHUNK_BYTES, KVAssembler, TransferError, kv_chunks
+from services.engine.kv_transfer import (
+    CHUNK_BYTES,
+    KVAssembler,
+    TransferError,
+    header_hash,
+    kv_chunks,
+)
 from services.protos_gen.epserve.v1 import serving_pb2, tensor_pb2
 
 LAYERS, TOKENS, LATENT = 3, 5, 40  # fp32: 3 * 5 * 40 * 4 = 2400 bytes
@@ -58,7 +64,8 @@ def test_chunk_layout(chunk_bytes, count):
     assert first.first_token == 42 and first.total_bytes == 2400
     data = b"".join(c.data for c in chunks)
     assert data == x.numpy().tobytes()
-    assert last.sha256 == hashlib.sha256(data).digest()
+    header = f"req-1|{tensor_pb2.DTYPE_FP32}|{LAYERS},{TOKENS},{LATENT}|42|2400|".encode()
+    assert last.sha256 == hashlib.sha256(header + data).digest()  # the header is covered too
     for c in chunks[1:]:  # header fields travel on the first chunk only
         assert c.total_bytes == 0 and not c.shape
     for c in chunks[:-1]:
@@ -223,11 +230,37 @@ def test_tensor_before_the_last_chunk_is_refused():
         a.tensor(torch.float32)
 
 
+def resigned(chunks):
+    """The chunks with a checksum recomputed over their (altered) header: a buggy sender."""
+    first = chunks[0]
+    hasher = header_hash(first.request_id, first.dtype, first.shape, first.first_token,
+                          first.total_bytes)
+    for c in chunks:
+        hasher.update(c.data)
+    chunks[-1].sha256 = hasher.digest()
+    return chunks
+
+
+@pytest.mark.parametrize("field", ["shape", "dtype", "first_token"])
+def test_a_header_altered_in_flight_fails_the_checksum(field):
+    chunks = chunks_of()
+    if field == "shape":
+        del chunks[0].shape[:]
+        chunks[0].shape.extend([LAYERS, TOKENS + 1, LATENT])
+    elif field == "dtype":
+        chunks[0].dtype = tensor_pb2.DTYPE_BF16
+    else:
+        chunks[0].first_token = 12
+    with pytest.raises(TransferError, match="checksum mismatch") as exc_info:
+        assemble(chunks)
+    assert code_of(exc_info) == "DATA_LOSS"
+
+
 def test_shape_that_does_not_match_the_bytes_is_invalid_argument():
     chunks = chunks_of()
     del chunks[0].shape[:]
     chunks[0].shape.extend([LAYERS, TOKENS + 1, LATENT])
-    a = assemble(chunks)  # the checksum covers the data, not the header
+    a = assemble(resigned(chunks))  # a sender that signed a wrong shape
     with pytest.raises(TransferError, match="needs 2880 bytes, got 2400") as exc_info:
         a.tensor(torch.float32)
     assert code_of(exc_info) == "INVALID_ARGUMENT"
@@ -236,7 +269,7 @@ def test_shape_that_does_not_match_the_bytes_is_invalid_argument():
 def test_unsupported_dtype_is_invalid_argument():
     chunks = chunks_of()
     chunks[0].dtype = 999
-    a = assemble(chunks)
+    a = assemble(resigned(chunks))
     with pytest.raises(TransferError, match="unsupported tensor dtype") as exc_info:
         a.tensor(torch.float32)
     assert code_of(exc_info) == "INVALID_ARGUMENT"

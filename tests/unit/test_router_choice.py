@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.load import InstanceLoad
 from services.router.choice import InstanceChooser, NoInstance
 from services.router.instances import (
     DECODE,
@@ -16,7 +17,7 @@ from services.router.instances import (
 
 
 def report(instance_id: str, role: str = DECODE, state: str = "serving", **kw) -> InstanceReport:
-    return InstanceReport(instance_id, role, f"{instance_id}:50051", state, **kw)
+    return InstanceReport(instance_id, role, f"{instance_id}:50051", state, InstanceLoad(**kw))
 
 
 def view_of(*reports: InstanceReport, now: float = 100.0, dead_after_s: float = 2.0):
@@ -77,7 +78,7 @@ def test_later_heartbeat_replaces_the_report():
     v = view_of(report("d0", running_requests=1))
     v.observe(report("d0", state="draining", running_requests=5), 101.0)
     inst = v.get("d0")
-    assert inst.report.state == "draining" and inst.report.running_requests == 5
+    assert inst.report.state == "draining" and inst.report.load.running_requests == 5
     assert inst.heard_at == 101.0
     assert inst.endpoint == "d0:50051"
     assert len(v.known(DECODE)) == 1

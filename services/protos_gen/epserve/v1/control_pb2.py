@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pserve/v1/control.proto\x12\nepserve.v1\"\xb6\x01\n\x0cInstanceLoad\x12\x17\n\x0fqueued_requests\x18\x01 \x01(\r\x12\x15\n\rqueued_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x61ttention_cost\x18\x03 \x01(\x01\x12\x18\n\x10running_requests\x18\x04 \x01(\r\x12\x18\n\x10kv_blocks_in_use\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x11\n\tacked_seq\x18\x07 \x01(\x04\"\xf8\x01\n\tHeartbeat\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.epserve.v1.Role\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.epserve.v1.InstanceState\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\x12&\n\x04load\x18\x07 \x01(\x0b\x32\x18.epserve.v1.InstanceLoad\x12\x0f\n\x07sent_at\x18\x08 \x01(\x01\x12\x18\n\x10metrics_endpoint\x18\t \x01(\t\"~\n\x06Member\x12#\n\x04last\x18\x01 \x01(\x0b\x32\x15.epserve.v1.Heartbeat\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.epserve.v1.InstanceState\x12\x12\n\nfirst_seen\x18\x03 \x01(\x01\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\"\x8b\x01\n\x08Topology\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x02 \x01(\r\x12\x1b\n\x13num_logical_experts\x18\x03 \x01(\r\x12\x11\n\tlayer_ids\x18\x04 \x03(\r\x12\x0f\n\x07phy2log\x18\x05 \x03(\r\x12\x18\n\x10worker_endpoints\x18\x06 \x03(\t\"\xb7\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x1f\n\x17prompt_cache_hit_tokens\x18\x06 \x01(\r\x12 \n\x18prompt_cache_miss_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x18\n\x10prefill_instance\x18\n \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x0b \x01(\t\x12\x1d\n\x15time_to_first_token_s\x18\x0c \x01(\x01\"\xcc\x01\n\x10\x45xpertLoadReport\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12\x14\n\x0cwindow_start\x18\x03 \x01(\x01\x12\x12\n\nwindow_end\x18\x04 \x01(\x01\x12\x11\n\tlayer_ids\x18\x05 \x03(\r\x12\r\n\x05slots\x18\x06 \x03(\r\x12\x0e\n\x06tokens\x18\x07 \x03(\x04\x12\x1b\n\x13num_logical_experts\x18\x08 \x01(\r\x12\x16\n\x0elogical_tokens\x18\t \x03(\x04\"e\n\x0bOverlapPlan\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x15\n\rmicro_batches\x18\x02 \x01(\r\x12\x14\n\x0csplit_policy\x18\x03 \x01(\t\x12\x18\n\x10min_batch_tokens\x18\x04 \x01(\r*|\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_ROUTER\x10\x01\x12\x12\n\x0eROLE_SCHEDULER\x10\x02\x12\x10\n\x0cROLE_PREFILL\x10\x03\x12\x0f\n\x0bROLE_DECODE\x10\x04\x12\x16\n\x12ROLE_EXPERT_WORKER\x10\x05*q\n\rInstanceState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_STARTING\x10\x01\x12\x11\n\rSTATE_SERVING\x10\x02\x12\x12\n\x0eSTATE_DRAINING\x10\x03\x12\x0e\n\nSTATE_DEAD\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pserve/v1/control.proto\x12\nepserve.v1\"\xcd\x01\n\x0cInstanceLoad\x12\x17\n\x0fqueued_requests\x18\x01 \x01(\r\x12\x15\n\rqueued_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x61ttention_cost\x18\x03 \x01(\x01\x12\x18\n\x10running_requests\x18\x04 \x01(\r\x12\x18\n\x10kv_blocks_in_use\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x11\n\tacked_seq\x18\x07 \x01(\x04\x12\x15\n\rkv_block_size\x18\x08 \x01(\r\"\xf8\x01\n\tHeartbeat\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.epserve.v1.Role\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.epserve.v1.InstanceState\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\x12&\n\x04load\x18\x07 \x01(\x0b\x32\x18.epserve.v1.InstanceLoad\x12\x0f\n\x07sent_at\x18\x08 \x01(\x01\x12\x18\n\x10metrics_endpoint\x18\t \x01(\t\"~\n\x06Member\x12#\n\x04last\x18\x01 \x01(\x0b\x32\x15.epserve.v1.Heartbeat\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.epserve.v1.InstanceState\x12\x12\n\nfirst_seen\x18\x03 \x01(\x01\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\"\x8b\x01\n\x08Topology\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x02 \x01(\r\x12\x1b\n\x13num_logical_experts\x18\x03 \x01(\r\x12\x11\n\tlayer_ids\x18\x04 \x03(\r\x12\x0f\n\x07phy2log\x18\x05 \x03(\r\x12\x18\n\x10worker_endpoints\x18\x06 \x03(\t\"\xdd\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x1f\n\x17prompt_cache_hit_tokens\x18\x06 \x01(\r\x12 \n\x18prompt_cache_miss_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x18\n\x10prefill_instance\x18\n \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x0b \x01(\t\x12\x1d\n\x15time_to_first_token_s\x18\x0c \x01(\x01\x12\x10\n\x08usage_id\x18\r \x01(\t\x12\x12\n\nmigrations\x18\x0e \x01(\r\"\xcc\x01\n\x10\x45xpertLoadReport\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12\x14\n\x0cwindow_start\x18\x03 \x01(\x01\x12\x12\n\nwindow_end\x18\x04 \x01(\x01\x12\x11\n\tlayer_ids\x18\x05 \x03(\r\x12\r\n\x05slots\x18\x06 \x03(\r\x12\x0e\n\x06tokens\x18\x07 \x03(\x04\x12\x1b\n\x13num_logical_experts\x18\x08 \x01(\r\x12\x16\n\x0elogical_tokens\x18\t \x03(\x04\"e\n\x0bOverlapPlan\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x15\n\rmicro_batches\x18\x02 \x01(\r\x12\x14\n\x0csplit_policy\x18\x03 \x01(\t\x12\x18\n\x10min_batch_tokens\x18\x04 \x01(\r*|\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_ROUTER\x10\x01\x12\x12\n\x0eROLE_SCHEDULER\x10\x02\x12\x10\n\x0cROLE_PREFILL\x10\x03\x12\x0f\n\x0bROLE_DECODE\x10\x04\x12\x16\n\x12ROLE_EXPERT_WORKER\x10\x05*q\n\rInstanceState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_STARTING\x10\x01\x12\x11\n\rSTATE_SERVING\x10\x02\x12\x12\n\x0eSTATE_DRAINING\x10\x03\x12\x0e\n\nSTATE_DEAD\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epserve.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1370
-  _globals['_ROLE']._serialized_end=1494
-  _globals['_INSTANCESTATE']._serialized_start=1496
-  _globals['_INSTANCESTATE']._serialized_end=1609
+  _globals['_ROLE']._serialized_start=1431
+  _globals['_ROLE']._serialized_end=1555
+  _globals['_INSTANCESTATE']._serialized_start=1557
+  _globals['_INSTANCESTATE']._serialized_end=1670
   _globals['_INSTANCELOAD']._serialized_start=41
-  _globals['_INSTANCELOAD']._serialized_end=223
-  _globals['_HEARTBEAT']._serialized_start=226
-  _globals['_HEARTBEAT']._serialized_end=474
-  _globals['_MEMBER']._serialized_start=476
-  _globals['_MEMBER']._serialized_end=602
-  _globals['_TOPOLOGY']._serialized_start=605
-  _globals['_TOPOLOGY']._serialized_end=744
-  _globals['_USAGERECORD']._serialized_start=747
-  _globals['_USAGERECORD']._serialized_end=1058
-  _globals['_EXPERTLOADREPORT']._serialized_start=1061
-  _globals['_EXPERTLOADREPORT']._serialized_end=1265
-  _globals['_OVERLAPPLAN']._serialized_start=1267
-  _globals['_OVERLAPPLAN']._serialized_end=1368
+  _globals['_INSTANCELOAD']._serialized_end=246
+  _globals['_HEARTBEAT']._serialized_start=249
+  _globals['_HEARTBEAT']._serialized_end=497
+  _globals['_MEMBER']._serialized_start=499
+  _globals['_MEMBER']._serialized_end=625
+  _globals['_TOPOLOGY']._serialized_start=628
+  _globals['_TOPOLOGY']._serialized_end=767
+  _globals['_USAGERECORD']._serialized_start=770
+  _globals['_USAGERECORD']._serialized_end=1119
+  _globals['_EXPERTLOADREPORT']._serialized_start=1122
+  _globals['_EXPERTLOADREPORT']._serialized_end=1326
+  _globals['_OVERLAPPLAN']._serialized_start=1328
+  _globals['_OVERLAPPLAN']._serialized_end=1429
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ STATE_DRAINING: InstanceState
 STATE_DEAD: InstanceState
 
 class InstanceLoad(_message.Message):
-    __slots__ = ("queued_requests", "queued_tokens", "attention_cost", "running_requests", "kv_blocks_in_use", "kv_blocks_total", "acked_seq")
+    __slots__ = ("queued_requests", "queued_tokens", "attention_cost", "running_requests", "kv_blocks_in_use", "kv_blocks_total", "acked_seq", "kv_block_size")
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_COST_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class InstanceLoad(_message.Message):
     KV_BLOCKS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     queued_requests: int
     queued_tokens: int
     attention_cost: float
@@ -51,7 +52,8 @@ class InstanceLoad(_message.Message):
     kv_blocks_in_use: int
     kv_blocks_total: int
     acked_seq: int
-    def __init__(self, queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., attention_cost: _Optional[float] = ..., running_requests: _Optional[int] = ..., kv_blocks_in_use: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., acked_seq: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    def __init__(self, queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., attention_cost: _Optional[float] = ..., running_requests: _Optional[int] = ..., kv_blocks_in_use: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., acked_seq: _Optional[int] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("instance_id", "role", "endpoint", "state", "rank", "placement_version", "load", "sent_at", "metrics_endpoint")
@@ -104,7 +106,7 @@ class Topology(_message.Message):
     def __init__(self, version: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_logical_experts: _Optional[int] = ..., layer_ids: _Optional[_Iterable[int]] = ..., phy2log: _Optional[_Iterable[int]] = ..., worker_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "model", "started_at", "finished_at", "prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens", "finish_reason", "prefill_instance", "decode_instance", "time_to_first_token_s")
+    __slots__ = ("request_id", "model", "started_at", "finished_at", "prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens", "finish_reason", "prefill_instance", "decode_instance", "time_to_first_token_s", "usage_id", "migrations")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,8 @@ class UsageRecord(_message.Message):
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     DECODE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    USAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     started_at: float
@@ -129,7 +133,9 @@ class UsageRecord(_message.Message):
     prefill_instance: str
     decode_instance: str
     time_to_first_token_s: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., prompt_cache_hit_tokens: _Optional[int] = ..., prompt_cache_miss_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., time_to_first_token_s: _Optional[float] = ...) -> None: ...
+    usage_id: str
+    migrations: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., prompt_cache_hit_tokens: _Optional[int] = ..., prompt_cache_miss_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., time_to_first_token_s: _Optional[float] = ..., usage_id: _Optional[str] = ..., migrations: _Optional[int] = ...) -> None: ...
 
 class ExpertLoadReport(_message.Message):
     __slots__ = ("rank", "placement_version", "window_start", "window_end", "layer_ids", "slots", "tokens", "num_logical_experts", "logical_tokens")

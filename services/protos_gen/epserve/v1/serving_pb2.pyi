@@ -9,14 +9,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "sampling")
+    __slots__ = ("request_id", "prompt_ids", "sampling", "step_offset")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _inference_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    step_offset: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., step_offset: _Optional[int] = ...) -> None: ...
+
+class DecodeQueued(_message.Message):
+    __slots__ = ("free_blocks", "needed_blocks")
+    FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NEEDED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    free_blocks: int
+    needed_blocks: int
+    def __init__(self, free_blocks: _Optional[int] = ..., needed_blocks: _Optional[int] = ...) -> None: ...
 
 class DecodeAccepted(_message.Message):
     __slots__ = ("instance_id", "reserved_blocks")
@@ -43,26 +53,30 @@ class DecodeFinished(_message.Message):
     def __init__(self, finish_reason: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
-    __slots__ = ("accepted", "token", "finished")
+    __slots__ = ("accepted", "token", "finished", "queued")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     accepted: DecodeAccepted
     token: DecodeToken
     finished: DecodeFinished
-    def __init__(self, accepted: _Optional[_Union[DecodeAccepted, _Mapping]] = ..., token: _Optional[_Union[DecodeToken, _Mapping]] = ..., finished: _Optional[_Union[DecodeFinished, _Mapping]] = ...) -> None: ...
+    queued: DecodeQueued
+    def __init__(self, accepted: _Optional[_Union[DecodeAccepted, _Mapping]] = ..., token: _Optional[_Union[DecodeToken, _Mapping]] = ..., finished: _Optional[_Union[DecodeFinished, _Mapping]] = ..., queued: _Optional[_Union[DecodeQueued, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "sampling", "decode_endpoint")
+    __slots__ = ("request_id", "prompt_ids", "sampling", "decode_endpoint", "step_offset")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DECODE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _inference_pb2.SamplingParams
     decode_endpoint: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., decode_endpoint: _Optional[str] = ...) -> None: ...
+    step_offset: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., decode_endpoint: _Optional[str] = ..., step_offset: _Optional[int] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
     __slots__ = ("instance_id", "first_token", "prompt_tokens", "prefill_seconds", "transfer_seconds", "kv_bytes")
