@@ -1,4 +1,4 @@
-"""Serving economics: price tables, GPU occupancy, cost / revenue / margin reports (docs/economics.md).
+"""Serving economics: price tables, GPU occupancy, cost / revenue / margin (docs/economics.md).
 
-The core modules are pure (no I/O); `cli`, `files`, `render`, `jsonview` and `charts` are the shell.
+The core is pure (no I/O); `files`, `cli`, `text_view`, `json_view` and `charts` are the shell.
 """

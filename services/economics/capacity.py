@@ -1,25 +1,27 @@
-"""Capacity model: nodes needed for a day's tokens at a given per-node throughput (pure).
+"""Capacity what-ifs (pure): the nodes a day's tokens need at a per-node throughput ("fluid":
+input tokens / (prefill tok/s x seconds), output likewise; DeepSeek's figures give its 226.75
+nodes), and an hourly plan of whole deployment units, billed like any day.
 
-Two answers. The fluid one: average prefill nodes = input tokens / (prefill tok/s per node x
-seconds), the same for decode with output tokens; with DeepSeek's figures this lands on the
-226.75 nodes they observed. The planned one: spread the day over an hourly traffic curve, give
-each hour whole deployment units (prefill 4 nodes, decode 18), and bill that schedule.
-
-Cache hits: DeepSeek's prefill figure counts cache hits as input. With `prefill_hit_cost` < 1 a
-cache-hit token costs that fraction of a miss, so a node's prefill rate moves with the hit
-rate: rate(h) = rate(h_ref) * (h_ref*c + 1 - h_ref) / (h*c + 1 - h).
+DeepSeek's prefill rate counts cache hits as input. With `prefill_hit_cost` c < 1 a hit costs c
+of a miss, so the rate moves with the hit fraction h:
+rate(h) = rate(h_ref) * (h_ref * c + 1 - h_ref) / (h * c + 1 - h).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 
 from services.economics import money
+from services.economics.prices import PriceTable
+from services.economics.report import Report, compute_report, occupancy
 from services.economics.schedule import Occupancy, Schedule
 from services.economics.tokens import TokenCounts
-from services.economics.usage import Deployment, NodeThroughput, TrafficBucket
+from services.economics.usage import DayUsage, Deployment, NodeThroughput, TrafficBucket
+
+CURVE_FROM_TRAFFIC = "the usage file's hourly token counts"
+CURVE_FROM_NODES = "the usage file's node schedule (GPU-hours per hour)"
 
 
 @dataclass(frozen=True)
@@ -32,28 +34,28 @@ class CapacityAssumptions:
     reference_hit_fraction: Decimal | None = None  # hit fraction the prefill rate was measured at
 
     def __post_init__(self) -> None:
-        if self.gpus_per_node <= 0:
-            raise ValueError("gpus_per_node must be positive")
+        rates, units = self.throughput, self.deployment
+        if rates.prefill_input_tok_per_s <= 0 or rates.decode_output_tok_per_s <= 0:
+            raise ValueError("per-node throughputs must be > 0")
+        if units.prefill_unit_nodes <= 0 or units.decode_unit_nodes <= 0:
+            raise ValueError("deployment unit sizes must be positive")
         if self.min_units < 0:
             raise ValueError("min_units must be >= 0")
-        if not Decimal(0) <= self.prefill_hit_cost <= Decimal(1):
+        if not 0 <= self.prefill_hit_cost <= 1:
             raise ValueError("prefill_hit_cost must be within [0, 1]")
         if self.prefill_hit_cost != 1 and self.reference_hit_fraction is None:
             raise ValueError("prefill_hit_cost < 1 needs the reference hit fraction")
 
     def prefill_rate(self, hit_fraction: Decimal) -> Decimal:
         """Prefill input tok/s per node at this cache-hit fraction."""
-        rate = self.throughput.prefill_input_tok_per_s
-        cost = self.prefill_hit_cost
-        if cost == 1 or self.reference_hit_fraction is None:
+        rate, cost, reference = (self.throughput.prefill_input_tok_per_s, self.prefill_hit_cost,
+                                 self.reference_hit_fraction)
+        if cost == 1 or reference is None:
             return rate
-        reference = self.reference_hit_fraction
         with money.exact():
-            work_at_reference = reference * cost + 1 - reference
-            work_now = hit_fraction * cost + 1 - hit_fraction
-            if work_now == 0:
+            if (work := hit_fraction * cost + 1 - hit_fraction) == 0:
                 raise ValueError("every input token is a free cache hit: prefill rate unbounded")
-            return money.div(rate * work_at_reference, work_now)
+            return money.div(rate * (reference * cost + 1 - reference), work)
 
 
 @dataclass(frozen=True)
@@ -69,23 +71,48 @@ class FluidNodes:
         return self.prefill + self.decode
 
 
+@dataclass(frozen=True)
+class PlannedHour:
+    label: str
+    prefill_nodes: Decimal
+    decode_nodes: Decimal
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    totals: Mapping[str, TokenCounts]
+    fluid: FluidNodes
+    observed_avg_nodes: Decimal
+    curve_source: str
+    assumptions: CapacityAssumptions
+    usage: DayUsage  # the planned day: hourly traffic on the planned schedule
+    report: Report
+    planned_hours: tuple[PlannedHour, ...]
+
+    @property
+    def tokens(self) -> TokenCounts:
+        return TokenCounts.sum(self.totals.values())
+
+    @property
+    def fluid_vs_observed(self) -> Decimal | None:
+        return money.relative_difference(self.fluid.total, self.observed_avg_nodes)
+
+
 def hit_fraction(tokens: TokenCounts) -> Decimal:
-    if not tokens.input_total:
-        return Decimal(0)
-    return money.div(tokens.input_cache_hit, tokens.input_total)
+    return money.div(tokens.input_cache_hit, tokens.input_total or 1)
 
 
 def fluid_nodes(tokens: TokenCounts, seconds: int, assumptions: CapacityAssumptions) -> FluidNodes:
     rate = assumptions.prefill_rate(hit_fraction(tokens))
     with money.exact():
-        prefill = money.div(tokens.input_total, rate * seconds)
-        decode = money.div(tokens.output, assumptions.throughput.decode_output_tok_per_s * seconds)
-    return FluidNodes(prefill, decode, rate)
+        decode_rate = assumptions.throughput.decode_output_tok_per_s
+        return FluidNodes(money.div(tokens.input_total, rate * seconds),
+                          money.div(tokens.output, decode_rate * seconds), rate)
 
 
 def with_cache_hit_rate(tokens: TokenCounts, rate: Decimal) -> TokenCounts:
     """The same input and output, with `rate` of the input hitting the cache (whole tokens)."""
-    if not Decimal(0) <= rate <= Decimal(1):
+    if not 0 <= rate <= 1:
         raise ValueError(f"cache hit rate must be within [0, 1], got {rate}")
     with money.exact():
         hit = int((tokens.input_total * rate).to_integral_value(rounding=ROUND_HALF_EVEN))
@@ -100,9 +127,15 @@ def integer_weights(values: Sequence[Decimal]) -> list[int]:
     return [int(v.scaleb(places)) for v in values]
 
 
-def hourly_traffic(
-    totals: Mapping[str, TokenCounts], slots: Sequence[tuple[int, int]], weights: Sequence[int]
-) -> list[TrafficBucket]:
+def default_curve(usage: DayUsage, prices: PriceTable) -> tuple[list[int], str]:
+    """The usage's own hourly tokens when it has them, else the shape of its node schedule."""
+    if usage.traffic_timed:
+        return [h.tokens.total for h in compute_report(usage, prices).hours], CURVE_FROM_TRAFFIC
+    return [usage.schedule.gpu_seconds(*h) for h in usage.window.hour_slots()], CURVE_FROM_NODES
+
+
+def hourly_traffic(totals: Mapping[str, TokenCounts], slots: Sequence[tuple[int, int]],
+                   weights: Sequence[int]) -> list[TrafficBucket]:
     """Each model's day totals shared over the slots in proportion to the curve, whole tokens."""
     if len(slots) != len(weights):
         raise ValueError(f"the curve has {len(weights)} weights for {len(slots)} hours")
@@ -110,40 +143,43 @@ def hourly_traffic(
         raise ValueError("the traffic curve is all zeros")
     buckets = []
     for model, tokens in totals.items():
-        hits = money.apportion(tokens.input_cache_hit, weights)
-        misses = money.apportion(tokens.input_cache_miss, weights)
-        outputs = money.apportion(tokens.output, weights)
-        for (start, end), h, m, o in zip(slots, hits, misses, outputs, strict=True):
-            if h or m or o:
-                buckets.append(TrafficBucket(start, end, model, TokenCounts(h, m, o)))
+        buckets += [TrafficBucket(a, b, model, share) for (a, b), share
+                    in zip(slots, tokens.split(weights), strict=True) if share.total]
     return buckets
 
 
 def units_needed(nodes: Decimal, unit_nodes: int, min_units: int) -> int:
-    units = int((nodes / unit_nodes).to_integral_value(rounding=ROUND_CEILING))
-    return max(units, min_units)
+    return max(int((nodes / unit_nodes).to_integral_value(rounding=ROUND_CEILING)), min_units)
 
 
-def plan_schedule(
-    traffic: Sequence[TrafficBucket],
-    slots: Sequence[tuple[int, int]],
-    assumptions: CapacityAssumptions,
-) -> Schedule:
+def plan_schedule(traffic: Sequence[TrafficBucket], slots: Sequence[tuple[int, int]],
+                  assumptions: CapacityAssumptions) -> Schedule:
     """Whole prefill and decode units per slot, enough for that slot's tokens."""
-    deployment = assumptions.deployment
-    intervals = []
+    unit, intervals = assumptions.deployment, []
     for start, end in slots:
-        tokens = TokenCounts.sum(b.tokens for b in traffic if start <= b.start < end)
-        need = fluid_nodes(tokens, end - start, assumptions)
-        prefill_units = units_needed(
-            need.prefill, deployment.prefill_unit_nodes, assumptions.min_units
-        )
-        decode_units = units_needed(
-            need.decode, deployment.decode_unit_nodes, assumptions.min_units
-        )
-        for phase, nodes in (
-            ("prefill", prefill_units * deployment.prefill_unit_nodes),
-            ("decode", decode_units * deployment.decode_unit_nodes),
-        ):
-            intervals.append(Occupancy(start, end, nodes * assumptions.gpus_per_node, phase))
+        need = fluid_nodes(TokenCounts.sum(b.tokens for b in traffic if start <= b.start < end),
+                           end - start, assumptions)
+        for phase, nodes, size in (("prefill", need.prefill, unit.prefill_unit_nodes),
+                                   ("decode", need.decode, unit.decode_unit_nodes)):
+            units = units_needed(nodes, size, assumptions.min_units)
+            intervals.append(Occupancy(start, end, units * size * assumptions.gpus_per_node, phase))
     return Schedule(tuple(intervals), assumptions.gpus_per_node)
+
+
+def plan_capacity(usage: DayUsage, prices: PriceTable, assumptions: CapacityAssumptions, *,
+                  totals: Mapping[str, TokenCounts], curve: Sequence[int], curve_source: str,
+                  usd_per_gpu_hour: Decimal) -> CapacityPlan:
+    slots = usage.window.hour_slots()
+    traffic = hourly_traffic(totals, slots, curve)
+    schedule = plan_schedule(traffic, slots, assumptions)
+    planned = replace(usage, schedule=schedule, usd_per_gpu_hour=usd_per_gpu_hour,
+                      traffic=tuple(traffic), traffic_timed=True, published=None, notes=())
+    hours = tuple(PlannedHour(usage.window.clock(start),
+                              schedule.nodes(schedule.gpus_at(start, "prefill")),
+                              schedule.nodes(schedule.gpus_at(start, "decode")))
+                  for start, _ in slots)
+    return CapacityPlan(
+        totals=dict(totals), assumptions=assumptions, curve_source=curve_source,
+        fluid=fluid_nodes(TokenCounts.sum(totals.values()), usage.window.seconds, assumptions),
+        observed_avg_nodes=occupancy(usage, 0, usage.window.seconds).avg_nodes,
+        usage=planned, report=compute_report(planned, prices), planned_hours=hours)

@@ -1,33 +1,31 @@
-"""Reading usage and price files (the I/O edge): JSON or YAML, numbers as exact decimals.
-
-Parse problems become CliError with the file and the field path, e.g.
+"""Reading input files (the I/O edge): JSON, YAML or JSONL, numbers as exact decimals. Every
+problem is one CliError naming the file and the field:
 `usage file day.json: tokens.output_total: must be an integer >= 0, got -5`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from services.common.errors import CliError
-from services.economics.fields import DataError
-from services.economics.prices import PriceTable
-from services.economics.prices_parse import parse_price_table
-from services.economics.usage import DayUsage
-from services.economics.usage_parse import parse_usage
+from services.economics.metering import UsageRecord, read_record
+from services.economics.prices import PriceTable, parse_price_table
+from services.economics.spec import DataError, list_of, number
+from services.economics.usage import DayUsage, parse_usage
 
-DATA_PACKAGE = "services.economics.data"
-DEFAULT_PRICES = "prices.yaml"
-REFERENCE_DAY = "deepseek_day6.json"
+DEFAULT_PRICES, REFERENCE_DAY = "prices.yaml", "deepseek_day6.json"
+T = TypeVar("T")
 
 
-class _DecimalSafeLoader(yaml.SafeLoader):
-    """SafeLoader that reads floats as exact Decimals ("0.14" -> Decimal("0.14"))."""
+class _DecimalLoader(yaml.SafeLoader):
+    """SafeLoader that reads floats as exact Decimals (0.14 -> Decimal("0.14"))."""
 
 
 def _yaml_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
@@ -37,59 +35,74 @@ def _yaml_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
     except InvalidOperation:
         value = Decimal("NaN")
     if not value.is_finite():
-        raise yaml.constructor.ConstructorError(
-            None, None, f"not a finite number: {raw!r}", node.start_mark
-        )
+        raise yaml.constructor.ConstructorError(None, None, f"not a finite number: {raw!r}",
+                                                node.start_mark)
     return value
 
 
-_DecimalSafeLoader.add_constructor("tag:yaml.org,2002:float", _yaml_decimal)
+_DecimalLoader.add_constructor("tag:yaml.org,2002:float", _yaml_decimal)
 
 
 def data_path(name: str) -> Path:
-    return Path(str(resources.files(DATA_PACKAGE).joinpath(name)))
+    """A file shipped in services/economics/data."""
+    return Path(str(resources.files("services.economics.data").joinpath(name)))
 
 
 def load_document(path: Path, what: str) -> Any:
+    """JSON, YAML, or JSONL (a list with None for blank lines, so that index + 1 is the line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+    if path.suffix.lower() == ".jsonl":
+        return [_json(line, f"{what} {path}: line {n}: ") if line.strip() else None
+                for n, line in enumerate(text.splitlines(), 1)]
     if path.suffix.lower() == ".json":
-        return _load_json(text, path, what)
+        return _json(text, f"{what} {path}: ")
     try:
-        return yaml.load(text, Loader=_DecimalSafeLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_DecimalLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise CliError(f"{what} {path}: not valid YAML or JSON: {_one_line(exc)}") from None
+        problem = " ".join(str(exc).split())
+        raise CliError(f"{what} {path}: not valid YAML or JSON: {problem}") from None
+
+
+def load(path: Path, what: str, parse: Callable[[Any], T]) -> T:
+    """The document in `path`, validated and built by `parse`."""
+    doc = load_document(path, what)
+    try:
+        return parse(doc)
+    except DataError as exc:
+        raise CliError(f"{what} {path}: {exc}") from None
 
 
 def load_usage(path: Path) -> DayUsage:
-    doc = load_document(path, "usage file")
-    try:
-        return parse_usage(doc)
-    except DataError as exc:
-        raise CliError(f"usage file {path}: {exc}") from None
+    return load(path, "usage file", parse_usage)
 
 
 def load_prices(path: Path | None) -> PriceTable:
     """The price table in `path`, or the versioned default shipped with epserve."""
     path = path or data_path(DEFAULT_PRICES)
-    doc = load_document(path, "price file")
-    try:
-        return parse_price_table(doc, source=str(path))
-    except DataError as exc:
-        raise CliError(f"price file {path}: {exc}") from None
+    return load(path, "price file", lambda doc: parse_price_table(doc, source=str(path)))
 
 
-def _load_json(text: str, path: Path, what: str) -> Any:
+def load_curve(path: Path) -> list[Decimal]:
+    """Hourly traffic weights: a list of numbers >= 0, or {weights: [...]}."""
+    weights = list_of(number(), "must be a non-empty list of numbers")
+    return load(path, "hourly curve", lambda doc: weights(
+        doc.get("weights") if isinstance(doc, dict) else doc, "weights"))
+
+
+def load_records(path: Path) -> list[UsageRecord]:
+    """Usage records, one JSON object a line (metering.RECORD)."""
+    return load(path, "usage records", lambda docs: [
+        read_record(doc, f"line {n}") for n, doc in enumerate(docs, 1) if doc is not None])
+
+
+def _json(text: str, where: str) -> Any:
     def reject(constant: str) -> Any:
-        raise CliError(f"{what} {path}: {constant} is not a valid number")
+        raise CliError(f"{where}{constant} is not a valid number")
 
     try:
         return json.loads(text, parse_float=Decimal, parse_constant=reject)
     except json.JSONDecodeError as exc:
-        raise CliError(f"{what} {path}: not valid JSON: {exc}") from None
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
+        raise CliError(f"{where}not valid JSON: {exc}") from None

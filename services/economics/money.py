@@ -1,8 +1,8 @@
-"""Exact decimal arithmetic and display rounding for money, hours and token apportioning.
+"""Exact decimal arithmetic, token apportioning, and the display rounding of money and counts.
 
-Money is never a binary float. Products of tokens and prices are exact; the only inexact step
-is a division whose quotient does not terminate (seconds -> hours for odd minutes, averages),
-which is carried at PRECISION significant digits and rounded only when displayed.
+Money is never a binary float: token x price products are exact, and the only inexact step, a
+division that does not terminate (seconds to hours, averages), is carried to PRECISION digits.
+Values are rounded only for display.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Context, Decimal, localcontext
 PRECISION = 50
 EXACT = Context(prec=PRECISION, rounding=ROUND_HALF_EVEN)
 SECONDS_PER_HOUR = 3600
-TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are quoted per million tokens
 
 
 def exact() -> AbstractContextManager[Context]:
@@ -37,36 +36,33 @@ def charge(tokens: int, usd_per_million: Decimal) -> Decimal:
 
 def margin(revenue: Decimal, cost: Decimal) -> Decimal | None:
     """DeepSeek's cost-profit margin: revenue / cost - 1 (5.45 means 545 %); None if no cost."""
-    if cost == 0:
-        return None
-    return EXACT.subtract(div(revenue, cost), Decimal(1))
+    return None if cost == 0 else EXACT.subtract(div(revenue, cost), Decimal(1))
+
+
+def relative_difference(value: Decimal, reference: Decimal | None) -> Decimal | None:
+    return div(value - reference, reference) if reference else None
 
 
 def apportion(total: int, weights: Sequence[int]) -> list[int]:
-    """Split a whole number of tokens in proportion to integer weights (largest remainder).
-
-    The parts are whole, sum exactly to `total`, and each is within 1 of its exact share; ties
-    go to the earlier part so the split is deterministic. All weights zero: split equally.
-    """
-    if total < 0 or any(w < 0 for w in weights):
-        raise ValueError("apportion needs a non-negative total and weights")
-    if not weights:
-        if total:
-            raise ValueError("cannot apportion tokens over no parts")
-        return []
-    if sum(weights) == 0:
-        weights = [1] * len(weights)
-    weight_sum = sum(weights)
-    parts = [total * w // weight_sum for w in weights]
-    remainders = [total * w % weight_sum for w in weights]
-    leftover = total - sum(parts)
-    by_remainder = sorted(range(len(weights)), key=lambda i: (-remainders[i], i))
-    for i in by_remainder[:leftover]:
+    """Whole parts of `total` in proportion to integer weights (largest remainder): they sum
+    exactly to `total`, each within 1 of its share; ties go to the earlier part. All weights
+    zero: equal parts."""
+    if total < 0 or any(w < 0 for w in weights) or (total and not weights):
+        raise ValueError("apportion needs a non-negative total and weights, and some parts")
+    weights = weights if any(weights) else [1] * len(weights)
+    whole = sum(weights)
+    parts = [total * w // whole for w in weights]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(total * weights[i] % whole), i))
+    for i in by_remainder[:total - sum(parts)]:
         parts[i] += 1
     return parts
 
 
-# ---- display (the only place where money is rounded) ----
+# ---- display: the only place where values are rounded ----
+
+
+def _rounded(value: Decimal, places: int) -> Decimal:
+    return value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
 
 
 def plain(value: Decimal) -> str:
@@ -77,34 +73,27 @@ def plain(value: Decimal) -> str:
 
 
 def usd(value: Decimal, places: int | None = None) -> str:
-    """Dollars for display: whole dollars, or cents for amounts under $100 (places=None)."""
-    if places is None:
-        places = 2 if abs(value) < 100 else 0
-    rounded = value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
-    sign = "-" if rounded < 0 else ""
-    return f"{sign}${abs(rounded):,.{places}f}"
+    """Whole dollars, or cents for amounts under $100 (places=None)."""
+    places = (2 if abs(value) < 100 else 0) if places is None else places
+    rounded = _rounded(value, places)
+    return f"{'-' if rounded < 0 else ''}${abs(rounded):,.{places}f}"
 
 
 def number(value: Decimal, places: int = 2) -> str:
     """Thousands separators; trailing zeros dropped so 5442.00 prints as 5,442."""
-    rounded = value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
-    if rounded == rounded.to_integral_value():
-        return f"{rounded:,.0f}"
-    return f"{rounded.normalize():,f}"
+    rounded = _rounded(value, places)
+    whole = rounded == rounded.to_integral_value()
+    return f"{rounded:,.0f}" if whole else f"{rounded.normalize():,f}"
 
 
 def percent(ratio: Decimal | None) -> str:
-    """A margin as a whole percent, floored so the headline never overstates (DeepSeek: 545 %),
-    with two decimals beside it: '545% (545.56%)'."""
+    """A margin as a whole percent, floored so that the headline never overstates (DeepSeek's
+    5.4547 is 545%), with two decimals beside it: '545% (545.56%)'."""
     if ratio is None:
         return "n/a (no cost)"
-    scaled = ratio.scaleb(2)
-    whole = scaled.quantize(Decimal(1), rounding=ROUND_FLOOR)
-    fine = scaled.quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN)
-    return f"{whole:,.0f}% ({fine:,.2f}%)"
+    whole = ratio.scaleb(2).quantize(Decimal(1), rounding=ROUND_FLOOR)
+    return f"{whole:,.0f}% ({_rounded(ratio.scaleb(2), 2):,.2f}%)"
 
 
-def relative_difference(value: Decimal, reference: Decimal) -> Decimal | None:
-    if reference == 0:
-        return None
-    return div(value - reference, reference)
+def signed_percent(ratio: Decimal) -> str:
+    return f"{'+' if ratio >= 0 else '-'}{number(abs(ratio) * 100, 3)}%"

@@ -1,24 +1,41 @@
-"""The day's economics as DeepSeek published them: nodes, cost, revenue, margin (pure).
+"""A day's economics as DeepSeek published them: nodes, cost, revenue, margin (pure).
 
-Cost is GPU-hours from the occupancy schedule times the price per GPU-hour. Revenue is the
-traffic billed with the price table: `revenue_usd` with its time-of-day tiers (what customers
-pay), `theoretical_revenue_usd` with every token at standard prices (DeepSeek's "theoretical
-income"). Margin is revenue / cost - 1.
+Cost is GPU-hours times the GPU-hour price. Revenue bills the traffic: `revenue_usd` with the
+time-of-day tiers, `theoretical_revenue_usd` at standard prices (DeepSeek's "theoretical income").
+The day is cut at every hour, occupancy change, traffic edge and tier switch, so each piece lies
+in one hour under one tier, priced by the tier in force at its start. A bucket over several
+pieces (a day total; an hourly row across 16:30 UTC) is shared out in whole tokens by each
+piece's GPU-seconds ("nodes": DeepSeek scaled nodes with traffic) or its length ("uniform").
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
-from types import MappingProxyType
 
 from services.economics import money
-from services.economics.billing import SPREAD_BY_NODES, PricedPiece, price_traffic
-from services.economics.clock import Window
 from services.economics.prices import PriceTable
 from services.economics.tokens import TokenCounts
-from services.economics.usage import DayUsage, Published
+from services.economics.usage import DayUsage, Published, TrafficBucket
+from services.economics.window import Window
+
+SPREAD_BY_NODES, SPREAD_UNIFORM = "nodes", "uniform"
+SPREADS = (SPREAD_BY_NODES, SPREAD_UNIFORM)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Tokens of one model in [start, end), priced with the tier in force at `start`."""
+
+    start: int
+    end: int
+    model: str
+    tier: str
+    tokens: TokenCounts
+    revenue_usd: Decimal
+    theoretical_revenue_usd: Decimal  # at the model's standard prices
 
 
 @dataclass(frozen=True)
@@ -64,13 +81,9 @@ class Report:
     traffic_timed: bool
     prices_version: str
     prices_source: str
-    published: Published | None = None
-    notes: tuple[str, ...] = field(default=())
-    spread: str = SPREAD_BY_NODES  # how untimed or straddling traffic was shared out
-
-    def __post_init__(self) -> None:
-        for name in ("phases", "revenue_by_model", "revenue_by_tier", "tokens_by_tier"):
-            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+    published: Published | None
+    notes: tuple[str, ...]
+    spread: str  # how untimed or straddling traffic was shared out
 
     @property
     def cost_usd(self) -> Decimal:
@@ -88,73 +101,88 @@ class Report:
 def compute_report(usage: DayUsage, prices: PriceTable, *, spread: str = SPREAD_BY_NODES) -> Report:
     with money.exact():
         pieces, notes = price_traffic(usage, prices, spread)
-        window_seconds = usage.window.seconds
-        hour_edges = [0, *usage.window.hour_offsets(), window_seconds]
-        hours = tuple(
-            _hour_row(usage, start, end, [p for p in pieces if start <= p.start < end])
-            for start, end in zip(hour_edges, hour_edges[1:], strict=False)
-        )
+        end, by_tier = usage.window.seconds, _group(pieces, "tier")
+        tokens, revenue, theoretical = _sums(pieces)
+        hours = tuple(HourRow(a, b, usage.window.clock(a), occupancy(usage, a, b),
+                              *_sums([p for p in pieces if a <= p.start < b]))
+                      for a, b in usage.window.hour_slots())
         return Report(
-            window=usage.window,
-            gpus_per_node=usage.schedule.gpus_per_node,
-            usd_per_gpu_hour=usage.usd_per_gpu_hour,
-            occupied=occupancy(usage, 0, window_seconds),
-            gpu_hours=money.hours(usage.schedule.gpu_seconds(0, window_seconds)),
-            phases={
-                phase: occupancy(usage, 0, window_seconds, phase)
-                for phase in usage.schedule.phases
-                if phase is not None
-            },
-            tokens=TokenCounts.sum(p.tokens for p in pieces),
-            revenue_usd=sum((p.revenue_usd for p in pieces), Decimal(0)),
-            theoretical_revenue_usd=sum((p.theoretical_revenue_usd for p in pieces), Decimal(0)),
-            revenue_by_model=_group(pieces, lambda p: p.model),
-            revenue_by_tier=_group(pieces, lambda p: p.tier),
-            tokens_by_tier={
-                tier: TokenCounts.sum(p.tokens for p in pieces if p.tier == tier)
-                for tier in sorted({p.tier for p in pieces})
-            },
-            hours=hours,
-            traffic_timed=usage.traffic_timed,
-            prices_version=prices.version,
-            prices_source=prices.source,
-            published=usage.published,
-            notes=tuple(usage.notes) + tuple(notes),
-            spread=spread,
-        )
+            window=usage.window, gpus_per_node=usage.schedule.gpus_per_node,
+            usd_per_gpu_hour=usage.usd_per_gpu_hour, occupied=occupancy(usage, 0, end),
+            gpu_hours=money.hours(usage.schedule.gpu_seconds(0, end)),
+            phases={p: occupancy(usage, 0, end, p) for p in usage.schedule.phases if p},
+            tokens=tokens, revenue_usd=revenue, theoretical_revenue_usd=theoretical,
+            revenue_by_model={k: sums[1] for k, sums in _group(pieces, "model").items()},
+            revenue_by_tier={k: sums[1] for k, sums in by_tier.items()},
+            tokens_by_tier={k: sums[0] for k, sums in by_tier.items()},
+            hours=hours, traffic_timed=usage.traffic_timed, prices_version=prices.version,
+            prices_source=prices.source, published=usage.published,
+            notes=usage.notes + tuple(notes), spread=spread)
 
 
 def occupancy(usage: DayUsage, start: int, end: int, phase: str | None = None) -> Occupied:
     schedule = usage.schedule
     gpu_seconds = schedule.gpu_seconds(start, end, phase)
     node_hours = money.div(money.hours(gpu_seconds), schedule.gpus_per_node)
-    if phase is None:
-        peak = schedule.nodes(schedule.peak_gpus(start, end))
-    else:
-        points = [start] + [t for t in schedule.edges if start < t < end]
-        peak = schedule.nodes(max(schedule.gpus_at(t, phase) for t in points))
-    return Occupied(
-        node_hours=node_hours,
-        avg_nodes=money.div(node_hours, money.hours(end - start)),
-        peak_nodes=peak,
-        cost_usd=money.div(gpu_seconds * usage.usd_per_gpu_hour, money.SECONDS_PER_HOUR),
-    )
+    return Occupied(node_hours, money.div(node_hours, money.hours(end - start)),
+                    schedule.nodes(schedule.peak_gpus(start, end, phase)),
+                    money.div(gpu_seconds * usage.usd_per_gpu_hour, money.SECONDS_PER_HOUR))
 
 
-def _hour_row(usage: DayUsage, start: int, end: int, pieces: list[PricedPiece]) -> HourRow:
-    return HourRow(
-        start=start,
-        end=end,
-        label=usage.window.clock(start),
-        occupied=occupancy(usage, start, end),
-        tokens=TokenCounts.sum(p.tokens for p in pieces),
-        revenue_usd=sum((p.revenue_usd for p in pieces), Decimal(0)),
-        theoretical_revenue_usd=sum((p.theoretical_revenue_usd for p in pieces), Decimal(0)),
-    )
+def price_traffic(usage: DayUsage, prices: PriceTable, spread: str = SPREAD_BY_NODES
+                  ) -> tuple[list[Piece], list[str]]:
+    """All pieces of the day's traffic, priced, and notes stating any assumption used."""
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
+    edges, tier_edges = cut_points(usage, prices), prices.boundary_offsets(usage.window)
+    pieces, straddling = [], 0
+    for bucket in usage.traffic:
+        straddling += any(bucket.start < t < bucket.end for t in tier_edges)
+        standard = prices.standard(bucket.model)
+        for start, end, tokens in _split(bucket, edges, usage, spread):
+            tier, tier_prices = prices.price(bucket.model, usage.window.at(start))
+            pieces.append(Piece(start, end, bucket.model, tier, tokens, tier_prices.charge(tokens),
+                                standard.charge(tokens)))
+    how = ("in proportion to the node schedule (GPU-hours in each piece)"
+           if spread == SPREAD_BY_NODES else "uniformly in time")
+    if not usage.traffic_timed:
+        return pieces, [f"no hourly token data: the day's tokens are spread over the window {how}, "
+                        "in whole tokens; each share is priced by the tier in force when it starts"]
+    if straddling:
+        return pieces, [f"{straddling} traffic row(s) straddle a price-tier boundary: their "
+                        f"tokens are split at the boundary {how}"]
+    return pieces, []
 
 
-def _group(pieces: list[PricedPiece], key) -> dict[str, Decimal]:
-    totals: dict[str, Decimal] = {}
-    for piece in pieces:
-        totals[key(piece)] = totals.get(key(piece), Decimal(0)) + piece.revenue_usd
-    return dict(sorted(totals.items()))
+def cut_points(usage: DayUsage, prices: PriceTable) -> list[int]:
+    """0, the window end, and every hour, occupancy change, traffic edge and tier switch."""
+    edges = {0, usage.window.seconds, *usage.window.hour_offsets(), *usage.schedule.edges,
+             *prices.boundary_offsets(usage.window)}
+    edges.update(t for bucket in usage.traffic for t in (bucket.start, bucket.end))
+    return sorted(t for t in edges if 0 <= t <= usage.window.seconds)
+
+
+def _split(bucket: TrafficBucket, edges: list[int], usage: DayUsage, spread: str
+           ) -> list[tuple[int, int, TokenCounts]]:
+    inner = edges[bisect_right(edges, bucket.start):bisect_left(edges, bucket.end)]
+    spans = list(zip([bucket.start, *inner], [*inner, bucket.end], strict=True))
+    if len(spans) == 1:
+        return [(bucket.start, bucket.end, bucket.tokens)]
+    weights = [end - start for start, end in spans]
+    busy = [usage.schedule.gpu_seconds(start, end) for start, end in spans]
+    if spread == SPREAD_BY_NODES and any(busy):  # nothing ran at all: fall back to time
+        weights = busy
+    return [(a, b, t) for (a, b), t in zip(spans, bucket.tokens.split(weights), strict=True)]
+
+
+def _sums(pieces: list[Piece]) -> tuple[TokenCounts, Decimal, Decimal]:
+    """Tokens, revenue as billed and theoretical revenue of some pieces."""
+    return (TokenCounts.sum(p.tokens for p in pieces),
+            sum((p.revenue_usd for p in pieces), Decimal(0)),
+            sum((p.theoretical_revenue_usd for p in pieces), Decimal(0)))
+
+
+def _group(pieces: list[Piece], attribute: str) -> dict[str, tuple[TokenCounts, Decimal, Decimal]]:
+    """`_sums` per model or per tier, in name order."""
+    keys = sorted({getattr(p, attribute) for p in pieces})
+    return {k: _sums([p for p in pieces if getattr(p, attribute) == k]) for k in keys}

@@ -1,8 +1,7 @@
-"""GPU occupancy over a usage window: intervals (or samples) of node/GPU counts, per phase.
+"""GPU occupancy over a usage window: intervals (or samples) of GPU counts, optionally per phase.
 
-Pure: times are whole seconds since the window start. Counts are held in GPUs so that a
-schedule given in GPUs and one given in nodes integrate the same way; node figures are GPUs
-divided by gpus_per_node. A gap between intervals means nothing was running.
+Times are whole seconds since the window start. Counts are held in GPUs so that a schedule in
+GPUs and one in nodes integrate alike; nodes are GPUs / gpus_per_node. A gap means nothing ran.
 """
 
 from __future__ import annotations
@@ -12,29 +11,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cached_property
+from itertools import accumulate
 
 from services.economics import money
+from services.economics.spec import one_of
 
 PHASES = ("prefill", "decode")
+PHASE = one_of(*PHASES)  # the reader of a `phase` field
 
 
 @dataclass(frozen=True)
 class Occupancy:
-    """`gpus` busy from `start` (inclusive) to `end` (exclusive); `phase` is None when the
-    schedule does not say which phase the nodes served."""
+    """`gpus` busy in [start, end); `phase` None when the schedule does not say which."""
 
     start: int
     end: int
     gpus: int
     phase: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
-            raise ValueError(f"occupancy needs 0 <= start < end, got [{self.start}, {self.end})")
-        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 0:
-            raise ValueError(f"gpus must be an integer >= 0, got {self.gpus!r}")
-        if self.phase is not None and self.phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES} or None, got {self.phase!r}")
 
 
 @dataclass(frozen=True)
@@ -52,9 +45,6 @@ class Schedule:
     gpus_per_node: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "intervals", tuple(self.intervals))
-        if isinstance(self.gpus_per_node, bool) or self.gpus_per_node <= 0:
-            raise ValueError(f"gpus_per_node must be a positive integer, got {self.gpus_per_node}")
         if len({interval.phase is None for interval in self.intervals}) > 1:
             raise ValueError("either every interval names its phase or none does")
         for phase in self.phases:
@@ -62,26 +52,20 @@ class Schedule:
             for before, after in zip(own, own[1:], strict=False):
                 if after.start < before.end:
                     raise ValueError(
-                        f"intervals overlap at second {after.start} (phase {phase or 'all'})"
-                    )
+                        f"intervals overlap at second {after.start} ({phase or 'all'})")
 
     @staticmethod
     def from_samples(samples: Iterable[Sample], end: int, gpus_per_node: int) -> Schedule:
-        """Sample-and-hold: each sample holds until the next of its phase; the first sample of
-        each phase also covers the time before it (a scrape rarely lands on the window start)."""
+        """Sample-and-hold: each sample holds until the next of its phase; the first of each
+        phase also covers the time before it (a scrape rarely lands on the window start)."""
         by_phase: dict[str | None, list[Sample]] = {}
-        for sample in samples:
+        for sample in sorted(samples, key=lambda s: s.at):
             by_phase.setdefault(sample.phase, []).append(sample)
         intervals = []
         for series in by_phase.values():
-            series.sort(key=lambda s: s.at)
-            starts = [0] + [s.at for s in series[1:]]
-            ends = [s.at for s in series[1:]] + [end]
-            intervals += [
-                Occupancy(start, stop, s.gpus, s.phase)
-                for start, stop, s in zip(starts, ends, series, strict=True)
-                if stop > start
-            ]
+            bounds = [0, *(s.at for s in series[1:]), end]
+            intervals += [Occupancy(a, b, s.gpus, s.phase)
+                          for a, b, s in zip(bounds, bounds[1:], series, strict=False) if b > a]
         return Schedule(tuple(intervals), gpus_per_node)
 
     @property
@@ -98,54 +82,41 @@ class Schedule:
         return tuple(sorted({t for i in self.intervals for t in (i.start, i.end)}))
 
     @cached_property
-    def _steps(self) -> tuple[list[int], dict[str | None, list[int]], dict[str | None, list[int]]]:
-        """Per phase: GPUs on each step [edges[k], edges[k+1]) and GPU-seconds before edges[k]."""
-        edges = list(self.edges)
-        index = {t: k for k, t in enumerate(edges)}
-        level: dict[str | None, list[int]] = {}
-        cumulative: dict[str | None, list[int]] = {}
+    def _steps(self) -> dict[str | None, tuple[list[int], list[int]]]:
+        """Per phase, GPUs on each step [edges[k], edges[k+1]) and GPU-seconds before edges[k]:
+        prefix sums, so that a day cut into thousands of pieces integrates fast."""
+        steps = {}
         for phase in self.phases:
-            delta = [0] * (len(edges) + 1)
-            for interval in self.intervals:
-                if interval.phase == phase:
-                    delta[index[interval.start]] += interval.gpus
-                    delta[index[interval.end]] -= interval.gpus
-            running, levels, cum = 0, [], [0]
-            for k in range(len(edges)):
-                running += delta[k]
-                levels.append(running)
-                if k + 1 < len(edges):
-                    cum.append(cum[-1] + running * (edges[k + 1] - edges[k]))
-            level[phase], cumulative[phase] = levels, cum
-        return edges, level, cumulative
+            delta = dict.fromkeys(self.edges, 0)
+            for interval in (i for i in self.intervals if i.phase == phase):
+                delta[interval.start] += interval.gpus
+                delta[interval.end] -= interval.gpus
+            levels = list(accumulate(delta[t] for t in self.edges))
+            spans = zip(levels, self.edges, self.edges[1:], strict=False)
+            steps[phase] = levels, [0, *accumulate(n * (b - a) for n, a, b in spans)]
+        return steps
 
     def gpus_at(self, t: int, phase: str | None = None) -> int:
         """GPUs busy at second t (all phases when phase is None)."""
-        edges, level, _ = self._steps
-        k = bisect_right(edges, t) - 1
-        if k < 0:
-            return 0
-        return sum(level[p][k] for p in self._select(phase))
+        k = bisect_right(self.edges, t) - 1
+        return 0 if k < 0 else sum(self._steps[p][0][k] for p in self._select(phase))
 
     def gpu_seconds(self, start: int, end: int, phase: str | None = None) -> int:
-        return sum(self._integral(end, p) - self._integral(start, p) for p in self._select(phase))
+        return sum(self._before(end, p) - self._before(start, p) for p in self._select(phase))
 
-    def peak_gpus(self, start: int, end: int) -> int:
-        """Most GPUs busy at once (all phases together) anywhere in [start, end)."""
-        points = [start] + [t for t in self.edges if start < t < end]
-        return max(self.gpus_at(t) for t in points)
+    def peak_gpus(self, start: int, end: int, phase: str | None = None) -> int:
+        """Most GPUs busy at once in [start, end) (all phases together when phase is None)."""
+        inside = [t for t in self.edges if start < t < end]
+        return max(self.gpus_at(t, phase) for t in [start, *inside])
 
     def nodes(self, gpus: int | Decimal) -> Decimal:
         return money.div(gpus, self.gpus_per_node)
 
     def _select(self, phase: str | None) -> tuple[str | None, ...]:
-        if phase is None:
-            return self.phases
-        return (phase,) if phase in self.phases else ()
+        return self.phases if phase is None else (phase,) if phase in self.phases else ()
 
-    def _integral(self, t: int, phase: str | None) -> int:
-        edges, level, cumulative = self._steps
-        k = bisect_right(edges, t) - 1
-        if k < 0:
-            return 0
-        return cumulative[phase][k] + level[phase][k] * (t - edges[k])
+    def _before(self, t: int, phase: str | None) -> int:
+        """GPU-seconds of `phase` before second t."""
+        k = bisect_right(self.edges, t) - 1
+        levels, before = self._steps[phase]
+        return 0 if k < 0 else before[k] + levels[k] * (t - self.edges[k])

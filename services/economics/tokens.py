@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+
+from services.economics import money
 
 
 @dataclass(frozen=True)
@@ -13,10 +15,10 @@ class TokenCounts:
     output: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("input_cache_hit", "input_cache_miss", "output"):
-            value = getattr(self, name)
+        for field in fields(self):
+            value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+                raise ValueError(f"{field.name} must be an integer >= 0, got {value!r}")
 
     @property
     def input_total(self) -> int:
@@ -26,20 +28,16 @@ class TokenCounts:
     def total(self) -> int:
         return self.input_total + self.output
 
-    @property
-    def cache_hit_fraction(self) -> float | None:
-        return self.input_cache_hit / self.input_total if self.input_total else None
-
     def __add__(self, other: TokenCounts) -> TokenCounts:
-        return TokenCounts(
-            self.input_cache_hit + other.input_cache_hit,
-            self.input_cache_miss + other.input_cache_miss,
-            self.output + other.output,
-        )
+        return TokenCounts(self.input_cache_hit + other.input_cache_hit,
+                           self.input_cache_miss + other.input_cache_miss,
+                           self.output + other.output)
+
+    def split(self, weights: Sequence[int]) -> list[TokenCounts]:
+        """Each kind of token shared out by `weights`, in whole tokens that add up exactly."""
+        parts = [money.apportion(getattr(self, field.name), weights) for field in fields(self)]
+        return [TokenCounts(*counts) for counts in zip(*parts, strict=True)]
 
     @staticmethod
     def sum(counts: Iterable[TokenCounts]) -> TokenCounts:
-        total = TokenCounts()
-        for count in counts:
-            total = total + count
-        return total
+        return sum(counts, TokenCounts())

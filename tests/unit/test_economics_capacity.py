@@ -10,18 +10,18 @@ import pytest
 from services.economics import money
 from services.economics.capacity import (
     CapacityAssumptions,
+    default_curve,
     fluid_nodes,
     hourly_traffic,
     integer_weights,
+    plan_capacity,
     plan_schedule,
     units_needed,
     with_cache_hit_rate,
 )
-from services.economics.capacity_plan import default_curve, hour_slots, plan_capacity
 from services.economics.files import data_path
 from services.economics.tokens import TokenCounts
-from services.economics.usage import Deployment, NodeThroughput
-from services.economics.usage_parse import parse_usage
+from services.economics.usage import Deployment, NodeThroughput, parse_usage
 
 DEEPSEEK = CapacityAssumptions(
     throughput=NodeThroughput(Decimal(73_700), Decimal(14_800)),
@@ -116,7 +116,7 @@ def test_plan_on_deepseek_day(day6):
     assert (first.prefill_nodes, first.decode_nodes) == (120, 162)
     for hour in plan.planned_hours:
         assert hour.prefill_nodes % 4 == 0 and hour.decode_nodes % 18 == 0
-    assert len(hour_slots(day6)) == 24
+    assert len(day6.window.hour_slots()) == 24
     assert plan.observed_avg_nodes == Decimal("226.75")
     assert abs(plan.fluid_vs_observed) < Decimal("0.001")
     assert report.margin == money.margin(report.revenue_usd, report.cost_usd)

@@ -8,10 +8,9 @@ from decimal import Decimal
 import pytest
 
 from services.economics import money
-from services.economics.fields import DataError
 from services.economics.files import data_path, load_document, load_prices
-from services.economics.prices import STANDARD_TIER, ModelPrices, UnknownModel
-from services.economics.prices_parse import parse_price_table
+from services.economics.prices import STANDARD_TIER, ModelPrices, UnknownModel, parse_price_table
+from services.economics.spec import DataError
 from services.economics.tokens import TokenCounts
 
 UTC8 = timezone(timedelta(hours=8))

@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.economics import money
-from services.economics.clock import Window
 from services.economics.files import load_prices
 from services.economics.report import compute_report
 from services.economics.schedule import Occupancy, Schedule
 from services.economics.tokens import TokenCounts
 from services.economics.usage import DayUsage, TrafficBucket
+from services.economics.window import Window
 
 PRICES = load_prices(None)
 WINDOW = Window(datetime(2025, 3, 1, 12, tzinfo=UTC), datetime(2025, 3, 2, 12, tzinfo=UTC), UTC)

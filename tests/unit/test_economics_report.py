@@ -10,14 +10,14 @@ from fractions import Fraction
 import pytest
 
 from services.economics import money
-from services.economics.clock import Window
 from services.economics.files import data_path, load_prices
 from services.economics.metering import UsageRecord, aggregate_records, day_usage_from_records
 from services.economics.report import compute_report
 from services.economics.reproduce import reproduce
 from services.economics.schedule import Occupancy, Schedule
 from services.economics.tokens import TokenCounts
-from services.economics.usage_parse import parse_usage
+from services.economics.usage import parse_usage
+from services.economics.window import Window
 
 DAY = 86_400
 
@@ -142,12 +142,22 @@ def test_day_totals_are_spread_in_whole_tokens(day6, prices):
     assert uniform.tokens_by_tier["off_peak"].output == 56_000_000_000
 
 
+def record(started_at, model, hit, miss, out) -> UsageRecord:
+    return UsageRecord(
+        started_at=started_at,
+        model=model,
+        prompt_cache_hit_tokens=hit,
+        prompt_cache_miss_tokens=miss,
+        completion_tokens=out,
+    )
+
+
 def _records(window: Window) -> list[UsageRecord]:
     def rec(hh, mm, ss, model="deepseek-r1", hit=1000, miss=2000, out=3000, us=0):
         started = datetime(2025, 3, 1, hh, mm, ss, us, tzinfo=UTC)
         if started < window.start:
             started += timedelta(days=1)
-        return UsageRecord(started, model, hit, miss, out)
+        return record(started, model, hit, miss, out)
 
     return [
         rec(16, 29, 59, us=500_000),  # standard: the tier starts at 16:30:00
@@ -181,16 +191,16 @@ def test_metering_prices_each_record_by_its_start_and_report_agrees(prices):
 
 def test_metering_skips_records_outside_the_window(prices):
     window = Window(datetime(2025, 3, 1, 12, tzinfo=UTC), datetime(2025, 3, 2, 12, tzinfo=UTC), UTC)
-    late = UsageRecord(datetime(2025, 3, 2, 12, 0, tzinfo=UTC), "deepseek-r1", 1, 1, 1)
+    late = record(datetime(2025, 3, 2, 12, 0, tzinfo=UTC), "deepseek-r1", 1, 1, 1)
     metered = aggregate_records([late], window, prices)
     assert (metered.records, metered.outside_window, metered.buckets) == (1, 1, ())
 
 
 def test_usage_record_validation():
     with pytest.raises(ValueError):
-        UsageRecord(datetime(2025, 3, 1), "m", 1, 1, 1)
+        record(datetime(2025, 3, 1), "m", 1, 1, 1)
     with pytest.raises(ValueError):
-        UsageRecord(datetime(2025, 3, 1, tzinfo=UTC), "m", -1, 1, 1)
+        record(datetime(2025, 3, 1, tzinfo=UTC), "m", -1, 1, 1)
 
 
 def test_gaps_cost_nothing_and_zero_cost_has_no_margin(prices):

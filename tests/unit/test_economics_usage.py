@@ -9,12 +9,12 @@ from decimal import Decimal
 
 import pytest
 
-from services.economics.clock import Window
-from services.economics.fields import DataError
 from services.economics.files import data_path
 from services.economics.schedule import Occupancy, Sample, Schedule
+from services.economics.spec import DataError
 from services.economics.tokens import TokenCounts
-from services.economics.usage_parse import parse_usage
+from services.economics.usage import parse_usage
+from services.economics.window import Window
 
 UTC8 = timezone(timedelta(hours=8))
 
