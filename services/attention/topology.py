@@ -47,7 +47,7 @@ class TopologyFollower:
     async def _client(self, topo: control_pb2.Topology) -> ExpertClient:
         client = ExpertClient(list(topo.worker_endpoints), table_from(topo), self.wire,
                               self.timeout_s, self.name)
-        await client.start()
+        await client.start(tuple(topo.lost_ranks))
         return client
 
     async def _watch(self) -> None:

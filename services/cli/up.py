@@ -88,6 +88,9 @@ def register(subparsers) -> None:
     add_cluster_args(p)
     p.add_argument("--port", type=int, default=0, help="router-0's gRPC port (0 = a free one)")
     p.add_argument("--routers", type=int, default=1, help="routers (each its own endpoint)")
+    p.add_argument("--nats-nodes", type=int, default=1, choices=[1, 3, 5],
+                   help="NATS nodes: 3 runs a JetStream cluster with every stream and bucket "
+                        "replicated, so one node can die")
     p.add_argument("--no-restart", action="store_true",
                    help="do not restart a process that exits: stop the whole cluster instead "
                         "(debugging)")
@@ -98,7 +101,8 @@ def register(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     spec = dataclasses.replace(spec_from(args, args.port), http_port=args.http_port,
-                               routers=args.routers, restart=not args.no_restart)
+                               routers=args.routers, restart=not args.no_restart,
+                               nats_nodes=args.nats_nodes)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -51,9 +51,19 @@ def default_replicas(replicas: int | None = None) -> int:
 async def connect(url: str, name: str, timeout: float = 10.0) -> nats.NATS:
     """Connect with reconnects forever (a NATS restart must not kill a service). `url` may
     list several servers, comma-separated (the nodes of a cluster): nats-py fails over."""
+    async def on_error(exc: Exception) -> None:  # one structured line, not a traceback
+        log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+
+    async def on_disconnected() -> None:
+        log.warning("nats_disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats_reconnected")
+
     return await nats.connect(servers=nats_servers(url), name=name, connect_timeout=timeout,
                               max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                              allow_reconnect=True)
+                              allow_reconnect=True, error_cb=on_error,
+                              disconnected_cb=on_disconnected, reconnected_cb=on_reconnected)
 
 
 async def kv_bucket(js, bucket: str, history: int = 1, replicas: int | None = None):

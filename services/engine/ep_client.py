@@ -79,10 +79,15 @@ class ExpertClient:
         await client.start()
         return client
 
-    async def start(self) -> None:
+    async def start(self, lost: tuple[int, ...] = ()) -> None:
         """Check each worker's rank and placement version and open its stream. A worker that
-        does not answer starts down (the probe re-admits it) as long as one does."""
+        does not answer, or that the placement names as `lost` (placed around), starts down
+        (the probe re-admits it) as long as one does not."""
+        for rank in lost:
+            self._mark_down(rank, "placed around by the scheduler", "lost")
         for s in self.streams:
+            if s.rank in self.down:
+                continue
             try:
                 info = await s.info(min(self.timeout_s, 5.0))
             except grpc.aio.AioRpcError as exc:

@@ -32,6 +32,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.control import REPLICAS_ENV
+from services.local.nats_cluster import NatsCluster
 from services.local.nats_server import NatsServer
 from services.local.ports import free_port
 from services.local.procs import ProcessGroup, ServiceProcess
@@ -63,10 +65,13 @@ class ClusterSpec:
     http_port: int | None = None  # the router's OpenAI-compatible HTTP API (0 = a free port)
     routers: int = 1
     restart: bool = False  # supervise: restart what exits (epserve up turns it on)
+    nats_nodes: int = 1  # > 1: a JetStream cluster, every stream and bucket replicated on it
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.expert_workers, self.routers) < 1:
             raise ValueError("need at least one router, prefill, decode and expert worker")
+        if self.nats_nodes not in (1, 3, 5):
+            raise ValueError(f"nats_nodes must be 1, 3 or 5, got {self.nats_nodes}")
         if self.micro_batches is not None and self.micro_batches not in (1, 2):
             raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches}")
         if self.min_batch_tokens is not None and self.min_batch_tokens < 0:
@@ -123,7 +128,8 @@ class LocalCluster:
         self._tmp = tempfile.TemporaryDirectory(prefix="epserve-cluster-")
         self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name) / "logs"
         self.group = ProcessGroup(self.log_dir)
-        self.nats: NatsServer | None = None
+        self.nats_cluster: NatsCluster | None = None
+        self.nats: NatsServer | None = None  # the first node
         self.endpoints: dict[str, str] = {}
         self.metrics_urls: dict[str, str] = {}
         self.http_url = ""  # router-0's OpenAI-compatible API, when the spec asks for it
@@ -141,7 +147,12 @@ class LocalCluster:
 
     @property
     def nats_url(self) -> str:
-        return self.nats.url
+        """Every NATS node's client URL, comma-separated."""
+        return self.nats_cluster.url
+
+    def nats_node_names(self) -> list[str]:
+        n = self.spec.nats_nodes
+        return ["nats"] if n == 1 else [f"nats-{i}" for i in range(n)]
 
     def process(self, name: str) -> ServiceProcess:
         return self.group[name]
@@ -154,6 +165,7 @@ class LocalCluster:
         metrics_port = free_port(s.host)
         target = f"{s.host}:{port}"
         env = {"OMP_NUM_THREADS": str(s.threads_per_process)} if s.threads_per_process else {}
+        env[REPLICAS_ENV] = str(s.nats_nodes)
         proc = self.group.start_epserve(name, [
             "serve", service, "--model", s.model, "--nats-url", self.nats.url, "--host", s.host,
             "--port", str(port), "--metrics-port", str(metrics_port), "--log-level", s.log_level,
@@ -170,7 +182,9 @@ class LocalCluster:
     def start(self, timeout: float = 300.0) -> LocalCluster:
         s = self.spec
         try:
-            self.nats = NatsServer(store_dir=Path(self._tmp.name) / "jetstream").start()
+            self.nats_cluster = NatsCluster(s.nats_nodes, Path(self._tmp.name) / "jetstream",
+                                            host="127.0.0.1").start()
+            self.nats = self.nats_cluster.nodes[0]
             self._stage([("scheduler", "scheduler", [
                 "--expert-workers", str(s.expert_workers),
                 "--redundant-experts", str(s.redundant_experts),
@@ -189,7 +203,8 @@ class LocalCluster:
                            for i in range(s.decode)], timeout)
             routers = []
             for i in range(s.routers):
-                args = ["--instance-id", f"router-{i}", "--max-inflight", str(s.max_inflight)]
+                args = ["--instance-id", f"router-{i}", "--max-inflight", str(s.max_inflight),
+                        "--usage-spool-dir", str(Path(self._tmp.name) / "usage-spool" / str(i))]
                 if s.http_port is not None:
                     http_port = s.http_port if i == 0 and s.http_port else free_port(s.host)
                     args += ["--http-port", str(http_port)]
@@ -208,9 +223,8 @@ class LocalCluster:
         """Restart whatever exits from now on (until stop())."""
         if self.supervisor is None:
             sup = Supervisor()
-            nats = self.nats
-            sup.watch(Supervised("nats", lambda: nats.pid is not None and nats.is_running(),
-                                 nats.restart))
+            for name, node in zip(self.nats_node_names(), self.nats_cluster.nodes, strict=True):
+                sup.watch(Supervised(name, lambda node=node: node.is_running(), node.restart))
             for proc in self.group:
                 sup.watch(Supervised(proc.name, proc.is_running, proc.start,
                                      lambda proc=proc: proc.returncode))
@@ -253,9 +267,9 @@ class LocalCluster:
         if self.supervisor is not None:
             self.supervisor.stop()
         codes = self.group.stop_all()
-        if self.nats is not None:
-            self.nats.stop()
-            self.nats = None
+        if self.nats_cluster is not None:
+            self.nats_cluster.stop()
+            self.nats_cluster = self.nats = None
         self._tmp.cleanup()
         return codes
 

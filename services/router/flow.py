@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import grpc
@@ -55,54 +56,55 @@ class RequestFlow:
 
     async def run(self, req: ValidRequest, outcome: Outcome
                   ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        clock = self.parts.clock
-        t0 = clock()
-        deadline = t0 + self.timeout_s
-        rid = req.request_id
-        checker = TokenSequenceChecker(req.sampling.max_tokens)
-        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
-        streamed: list[int] = []
-        last_token_at = None
+        stream = _Stream(req, self.tokenizer, self.parts.clock())
+        deadline = stream.t0 + self.timeout_s
         while True:
-            plan = self._plan(req, streamed, outcome.migrations)
-            attempt = Attempt(self.parts, plan, deadline, outcome)
-            base = len(streamed)
+            attempt = Attempt(self.parts, self._plan(req, stream.streamed, outcome.migrations),
+                              deadline, outcome)
             try:
-                async for event in attempt.events():
-                    kind = event.WhichOneof("kind")
-                    if kind == "token":
-                        try:
-                            checker.accept(base + event.token.seq, event.token.token_id)
-                        except SequenceError as exc:
-                            raise RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: {exc}") from exc
-                        now = clock()
-                        if last_token_at is None:
-                            outcome.ttft_s = now - t0
-                            metrics.TTFT.observe(outcome.ttft_s)
-                        else:
-                            metrics.TPOT.observe(now - last_token_at)
-                        last_token_at = now
-                        streamed.append(event.token.token_id)
-                        outcome.completion_tokens = checker.received
-                        metrics.COMPLETION_TOKENS.inc()
-                        yield inference_pb2.GenerateResponse(delta=inference_pb2.TokenDelta(
-                            index=base + event.token.seq, token_ids=[event.token.token_id],
-                            text=detok.push(event.token.token_id)))
-                    elif kind == "finished":
-                        try:
-                            checker.check_finished(base + event.finished.completion_tokens)
-                        except SequenceError as exc:
-                            raise RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: {exc}") from exc
-                        yield self._final(req, outcome, event.finished.finish_reason, detok,
-                                          checker.received, clock() - t0)
-                        return
+                # aclosing: a client that leaves ends the attempt (and its decode call) now
+                async with aclosing(self._relay(attempt, stream, outcome)) as relay:
+                    async for response in relay:
+                        yield response
+                return
             except Migrate as move:
-                reason = self._already_finished(req, streamed)
+                reason = self._already_finished(req, stream.streamed)
                 if reason is not None:  # the last token was out: nothing left to generate
-                    yield self._final(req, outcome, reason, detok, checker.received,
-                                      clock() - t0)
+                    yield self._final(stream, outcome, reason)
                     return
                 self._migrate(req, outcome, move)
+
+    async def _relay(self, attempt: Attempt, stream: _Stream, outcome: Outcome
+                     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """One attempt's events as the client's responses (indices continue the stream)."""
+        rid, clock = stream.req.request_id, self.parts.clock
+        base = len(stream.streamed)
+        async with aclosing(attempt.events()) as events:
+            async for event in events:
+                kind = event.WhichOneof("kind")
+                try:
+                    if kind == "token":
+                        stream.checker.accept(base + event.token.seq, event.token.token_id)
+                    elif kind == "finished":
+                        stream.checker.check_finished(base + event.finished.completion_tokens)
+                except SequenceError as exc:
+                    raise RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: {exc}") from exc
+                if kind == "finished":
+                    yield self._final(stream, outcome, event.finished.finish_reason)
+                    return
+                now = clock()
+                if stream.last_token_at is None:
+                    outcome.ttft_s = now - stream.t0
+                    metrics.TTFT.observe(outcome.ttft_s)
+                else:
+                    metrics.TPOT.observe(now - stream.last_token_at)
+                stream.last_token_at = now
+                stream.streamed.append(event.token.token_id)
+                outcome.completion_tokens = stream.checker.received
+                metrics.COMPLETION_TOKENS.inc()
+                yield inference_pb2.GenerateResponse(delta=inference_pb2.TokenDelta(
+                    index=base + event.token.seq, token_ids=[event.token.token_id],
+                    text=stream.detok.push(event.token.token_id)))
 
     def _plan(self, req: ValidRequest, streamed: list[int], migrations: int) -> AttemptPlan:
         sampling = params_to_proto(req.sampling)
@@ -135,12 +137,25 @@ class RequestFlow:
             return "length"
         return None
 
-    def _final(self, req: ValidRequest, outcome: Outcome, reason: str, detok, received: int,
-               total_s: float) -> inference_pb2.GenerateResponse:
+    def _final(self, stream: _Stream, outcome: Outcome, reason: str
+               ) -> inference_pb2.GenerateResponse:
+        req = stream.req
         outcome.finish_reason = reason
         return inference_pb2.GenerateResponse(final=inference_pb2.GenerateFinal(
-            request_id=req.request_id, finish_reason=reason, text=detok.flush(),
+            request_id=req.request_id, finish_reason=reason, text=stream.detok.flush(),
             usage=inference_pb2.Usage(
-                prompt_tokens=len(req.prompt_ids), completion_tokens=received,
-                time_to_first_token_s=outcome.ttft_s, total_time_s=total_s,
+                prompt_tokens=len(req.prompt_ids), completion_tokens=stream.checker.received,
+                time_to_first_token_s=outcome.ttft_s,
+                total_time_s=self.parts.clock() - stream.t0,
                 prompt_cache_miss_tokens=len(req.prompt_ids))))
+
+
+class _Stream:
+    """What the client has been sent, across attempts."""
+
+    def __init__(self, req: ValidRequest, tokenizer: Tokenizer, t0: float) -> None:
+        self.req, self.t0 = req, t0
+        self.checker = TokenSequenceChecker(req.sampling.max_tokens)
+        self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids)
+        self.streamed: list[int] = []
+        self.last_token_at: float | None = None

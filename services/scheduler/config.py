@@ -22,6 +22,9 @@ class SchedulerConfig(ServiceConfig):
         "help": "rewrite a live member's KV record at least this often"})
     forget_dead_after_s: float = field(default=3600.0, metadata={
         "help": "delete a DEAD member's record after this long (0 = keep forever)"})
+    lost_worker_grace_s: float = field(default=15.0, metadata={
+        "help": "an expert-worker rank without a serving worker this long is lost: experts "
+                "only it held are placed on the live workers"})
     # initial overlap plan (used only while NATS holds no plan yet)
     micro_batches: int = field(default=1, metadata={"help": "micro-batches per step: 1 or 2"})
     split_policy: str = field(default="balanced_attention", metadata={
@@ -57,6 +60,8 @@ class SchedulerConfig(ServiceConfig):
             raise ValueError(f"--dead-after-missed must be >= 1, got {self.dead_after_missed}")
         if self.member_refresh_s <= 0:
             raise ValueError(f"--member-refresh-s must be > 0, got {self.member_refresh_s}")
+        if self.lost_worker_grace_s <= 0:
+            raise ValueError("--lost-worker-grace-s must be > 0")
         if self.forget_dead_after_s < 0:
             raise ValueError(f"--forget-dead-after-s must be >= 0, got {self.forget_dead_after_s}")
         if self.micro_batches not in (1, 2):

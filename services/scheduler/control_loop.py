@@ -11,6 +11,7 @@ import time
 import structlog
 
 from services.balance.eplb import placement_balancedness
+from services.balance.lost_workers import covers_without, placement_without
 from services.balance.placement_proto import table_from, topology_from
 from services.common.states import InstanceState, Role
 from services.model.config import ModelConfig
@@ -141,7 +142,8 @@ class Scheduler:
         """Fill in (or refresh) the worker endpoints of the current topology when every rank
         is SERVING on its placement version; compare-and-set, so nothing is overwritten."""
         topo = self.topology.message
-        endpoints = self.membership.expert_endpoints(topo.num_workers, topo.version)
+        endpoints = self.membership.expert_endpoints(topo.num_workers, topo.version,
+                                                     frozenset(topo.lost_ranks))
         if endpoints is None or list(topo.worker_endpoints) == endpoints:
             return
         new = control_pb2.Topology()
@@ -161,12 +163,46 @@ class Scheduler:
         self.metrics.set_topology(new)
         log.info("topology_published", version=new.version, workers=endpoints)
 
+    async def place_around_lost_workers(self, now: float) -> None:
+        """An expert worker gone for lost_worker_grace_s (no restart brought it back): when
+        some expert had its only replicas there, roll out a placement that covers it on the
+        live workers (rolled out as a rebalance is); with replicas left, nothing moves."""
+        topo = self.topology.message
+        if not (topo.worker_endpoints and all(topo.worker_endpoints)):
+            return  # a roll-out is in progress
+        lost = frozenset(self.membership.lost_ranks(topo.num_workers, topo.version, now,
+                                                    self.cfg.lost_worker_grace_s))
+        table = table_from(topo)
+        if not lost or covers_without(table, lost | frozenset(topo.lost_ranks)):
+            return
+        all_lost = lost | frozenset(topo.lost_ranks)
+        new = placement_without(table, all_lost, self.window.loads(now))
+        if new is None:
+            log.error("lost_workers_not_coverable", lost=sorted(all_lost),
+                      reason="the live workers have too few redundant slots")
+            return
+        proposed = topology_from(new, [])
+        proposed.lost_ranks.extend(sorted(all_lost))
+        try:
+            self.topology = await self.store.put_topology(proposed, self.topology.revision)
+        except RevisionConflict:
+            self.topology = await self.store.get_topology()
+            return
+        self.rolling_out = new.version
+        self.metrics.set_topology(self.topology.message)
+        self.metrics.rebalances.inc()
+        log.warning("placed_around_lost_workers", lost=sorted(all_lost), version=new.version)
+
     async def sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
             now = time.time()
             if self._control_plane_outage(now):
                 continue
+            try:
+                await self.place_around_lost_workers(now)
+            except Exception as exc:  # the placement in service stays
+                log.error("lost_worker_replan_failed", error=str(exc))
             for instance_id in self.membership.sweep(now):
                 self.metrics.members_dead.inc()
                 log.warning("member_dead", instance=instance_id,

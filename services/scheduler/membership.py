@@ -132,23 +132,48 @@ class Membership:
     def __contains__(self, instance_id: object) -> bool:
         return instance_id in self._members
 
-    def expert_endpoints(self, num_workers: int, placement_version: int) -> list[str] | None:
+    def expert_endpoints(self, num_workers: int, placement_version: int,
+                         lost: frozenset[int] = frozenset()) -> list[str] | None:
         """gRPC endpoints of ranks 0..num_workers-1, when every rank has a SERVING expert worker
         that runs `placement_version`; else None. Two instances claiming one rank (a replaced
-        pod whose old copy still beats): the one heard from most recently wins."""
+        pod whose old copy still beats): the one heard from most recently wins. A rank in
+        `lost` (placed around) needs no serving worker: its last known endpoint stands in."""
         best: dict[int, tuple[float, str, str]] = {}
+        last_known: dict[int, tuple[float, str]] = {}
         for instance_id, m in self._members.items():
             hb = m.last
-            if (hb.role != control_pb2.ROLE_EXPERT_WORKER or m.state != control_pb2.STATE_SERVING
-                    or hb.placement_version != placement_version or hb.rank >= num_workers
-                    or not hb.endpoint):
+            if hb.role != control_pb2.ROLE_EXPERT_WORKER or hb.rank >= num_workers \
+                    or not hb.endpoint:
                 continue
-            candidate = (self._heard_at[instance_id], instance_id, hb.endpoint)
+            heard = self._heard_at[instance_id]
+            if hb.rank not in last_known or heard > last_known[hb.rank][0]:
+                last_known[hb.rank] = (heard, hb.endpoint)
+            if m.state != control_pb2.STATE_SERVING or hb.placement_version != placement_version:
+                continue
+            candidate = (heard, instance_id, hb.endpoint)
             if hb.rank not in best or candidate > best[hb.rank]:
                 best[hb.rank] = candidate
-        if len(best) != num_workers:
-            return None
-        return [best[rank][2] for rank in range(num_workers)]
+        endpoints = []
+        for rank in range(num_workers):
+            if rank in best:
+                endpoints.append(best[rank][2])
+            elif rank in lost and rank in last_known:
+                endpoints.append(last_known[rank][1])
+            else:
+                return None
+        return endpoints
+
+    def lost_ranks(self, num_workers: int, placement_version: int, now: float,
+                   grace_s: float) -> set[int]:
+        """Ranks whose expert worker died (DEAD, last heard more than `grace_s` ago) and that
+        no SERVING worker on `placement_version` has taken over. A rank that never registered
+        (still loading) is never lost."""
+        workers = [m for m in self._members.values()
+                   if m.last.role == control_pb2.ROLE_EXPERT_WORKER and m.last.rank < num_workers]
+        serving = {m.last.rank for m in workers if m.state == control_pb2.STATE_SERVING
+                   and m.last.placement_version == placement_version}
+        return {m.last.rank for m in workers if m.state == control_pb2.STATE_DEAD
+                and now - m.last_seen >= grace_s} - serving
 
 
 def _check(hb: control_pb2.Heartbeat) -> None:

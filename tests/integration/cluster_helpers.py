@@ -4,10 +4,13 @@ reference engine on the same requests."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 
 from services.client import InferenceClient, RemoteCompletion
+from services.common.metrics_http import scrape_metrics
+from services.engine.compare import assert_same_greedy
 from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
 from services.local.cluster import ClusterSpec, LocalCluster
@@ -49,3 +52,29 @@ async def run_remote(endpoint: str, reqs: list[GenerationRequest], suffix: str =
         return list(await asyncio.gather(*(
             client.generate(r.request_id + suffix, prompt_ids=r.prompt_ids, params=r.params)
             for r in reqs)))
+
+
+def check_invariant(reqs, expected, got) -> None:
+    """The master invariant: greedy outputs equal the reference's (near-tie rule), seeded
+    ones exactly; same finish reasons and lengths."""
+    greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
+    assert_same_greedy([expected[i].token_ids for i in greedy], [got[i].token_ids for i in greedy],
+                       expected_logits=[expected[i].logits for i in greedy])
+    for i, r in enumerate(reqs):
+        if not r.params.greedy:  # same seed, same logits up to rounding -> same draws
+            assert got[i].token_ids == expected[i].token_ids, r.request_id
+        assert got[i].finish_reason == expected[i].finish_reason
+        assert len(got[i].token_ids) == r.params.max_tokens
+
+
+def decode_metrics(cluster, name: str = "decode-0") -> dict[str, float]:
+    return scrape_metrics(cluster.metrics_urls[name])
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "") -> None:
+    """Poll `predicate` every 0.1 s until it is true; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)

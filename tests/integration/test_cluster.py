@@ -12,7 +12,6 @@ import asyncio
 import http.client
 import json
 import signal
-import time
 import urllib.error
 import urllib.request
 
@@ -25,7 +24,6 @@ from services.common import subjects
 from services.common.control import kv_get
 from services.common.health import check_health
 from services.common.metrics_http import scrape_metrics
-from services.engine.compare import assert_same_greedy
 from services.engine.sampling import SamplingParams
 from services.engine.sampling_proto import params_to_proto
 from services.local.cluster import ClusterSpec
@@ -34,7 +32,15 @@ from services.local.procs import ServiceProcess
 from services.model.config import ModelConfig
 from services.model.tokenizer import Tokenizer
 from services.protos_gen.epserve.v1 import control_pb2, inference_pb2
-from tests.integration.cluster_helpers import reference, run_remote, start, workload
+from tests.integration.cluster_helpers import (
+    check_invariant,
+    decode_metrics,
+    reference,
+    run_remote,
+    start,
+    wait_for,
+    workload,
+)
 
 # The decode instance's KV cache: 6 blocks of 64 tokens, less than one 512-token context, so
 # the tests below can fill it: requests wait for room, and one that can never fit is refused.
@@ -54,17 +60,6 @@ def cluster(tiny_model_dir):
 def workload_and_reference(tiny_model_dir):
     reqs = workload(ModelConfig.from_dir(tiny_model_dir).vocab_size)
     return reqs, reference(tiny_model_dir, reqs)
-
-
-def check_invariant(reqs, expected, got) -> None:
-    greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
-    assert_same_greedy([expected[i].token_ids for i in greedy], [got[i].token_ids for i in greedy],
-                       expected_logits=[expected[i].logits for i in greedy])
-    for i, r in enumerate(reqs):
-        if not r.params.greedy:  # same seed, same logits up to rounding -> same draws
-            assert got[i].token_ids == expected[i].token_ids, r.request_id
-        assert got[i].finish_reason == expected[i].finish_reason
-        assert len(got[i].token_ids) == r.params.max_tokens
 
 
 def test_master_invariant_through_the_router(cluster, workload_and_reference, tiny_model_dir):
@@ -193,7 +188,7 @@ def test_openai_http_api_matches_grpc_and_the_reference(cluster, workload_and_re
 
 def test_openai_http_client_going_away_frees_the_decode_slot(cluster):
     cancelled = 'epserve_decode_requests_total{outcome="cancelled"}'
-    before = _decode_metrics(cluster).get(cancelled, 0)
+    before = decode_metrics(cluster).get(cancelled, 0)
     host, port = cluster.http_url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/v1/completions", json.dumps(
@@ -203,9 +198,9 @@ def test_openai_http_client_going_away_frees_the_decode_slot(cluster):
     assert resp.status == 200
     assert resp.read(60).startswith(b"data: ")  # streaming has begun
     conn.close()
-    _wait_for(lambda: _decode_metrics(cluster)["epserve_decode_running_requests"] == 0,
+    wait_for(lambda: decode_metrics(cluster)["epserve_decode_running_requests"] == 0,
               what="the decode slot to be freed after the HTTP client left")
-    assert _decode_metrics(cluster)[cancelled] == before + 1  # cut short, not run to the end
+    assert decode_metrics(cluster)[cancelled] == before + 1  # cut short, not run to the end
 
 
 @pytest.mark.parametrize("body, fragment", [
@@ -221,18 +216,6 @@ def test_openai_http_errors_are_400_json(cluster, body, fragment):
     assert fragment in json.loads(raw)["error"]["message"]
 
 
-def _decode_metrics(cluster) -> dict[str, float]:
-    return scrape_metrics(cluster.metrics_urls["decode-0"])
-
-
-def _wait_for(predicate, timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_cancellation_frees_the_decode_slot(cluster):
     async def go():
         async with InferenceClient(cluster.router_endpoint) as client:
@@ -245,13 +228,13 @@ def test_cancellation_frees_the_decode_slot(cluster):
                 seen += resp.WhichOneof("kind") == "delta"
                 if seen == 2:
                     break
-            assert _decode_metrics(cluster)["epserve_decode_running_requests"] == 1
+            assert decode_metrics(cluster)["epserve_decode_running_requests"] == 1
             call.cancel()
 
     asyncio.run(go())
-    _wait_for(lambda: _decode_metrics(cluster)["epserve_decode_running_requests"] == 0,
+    wait_for(lambda: decode_metrics(cluster)["epserve_decode_running_requests"] == 0,
               what="the decode slot to be freed")
-    m = _decode_metrics(cluster)
+    m = decode_metrics(cluster)
     assert m["epserve_decode_kv_blocks_reserved"] == 0
     assert m['epserve_decode_requests_total{outcome="cancelled"}'] >= 1
 
@@ -309,7 +292,7 @@ def test_decode_kv_budget_waits_for_room_and_refuses_what_never_fits(cluster):
     assert [len(c.token_ids) for c in done] == [170] * 3
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"needs 8 KV blocks; this instance has {KV_BLOCKS}" in err.details()
-    m = _decode_metrics(cluster)
+    m = decode_metrics(cluster)
     assert m["epserve_decode_kv_blocks_reserved"] == 0
 
 
@@ -393,14 +376,14 @@ def test_sigterm_drains_the_decode_instance(cluster):
             run = asyncio.create_task(client.generate(
                 "drained", prompt="drain me", params=SamplingParams(max_tokens=40,
                                                                    ignore_eos=True)))
-            while _decode_metrics(cluster).get("epserve_decode_running_requests", 0) < 1:
+            while decode_metrics(cluster).get("epserve_decode_running_requests", 0) < 1:
                 await asyncio.sleep(0.05)
             decode.send_signal(signal.SIGTERM)
             return await run
 
     done = asyncio.run(go())
     assert len(done.token_ids) == 40 and done.finish_reason == "length"
-    _wait_for(lambda: not decode.is_running(), 30, "decode to exit")
+    wait_for(lambda: not decode.is_running(), 30, "decode to exit")
     assert decode.returncode == 0
 
     async def member_state():
@@ -411,5 +394,5 @@ def test_sigterm_drains_the_decode_instance(cluster):
         return member.state
 
     # Silent for more than 3 heartbeat intervals: the scheduler marks it DEAD in the KV bucket.
-    _wait_for(lambda: asyncio.run(member_state()) == control_pb2.STATE_DEAD, 15,
+    wait_for(lambda: asyncio.run(member_state()) == control_pb2.STATE_DEAD, 15,
               "the scheduler to mark decode-0 dead")

@@ -11,8 +11,13 @@ import pytest
 from services.common.metrics_http import scrape_metrics
 from services.local.cluster import ClusterSpec
 from services.model.config import ModelConfig
-from tests.integration.cluster_helpers import reference, run_remote, start, workload
-from tests.integration.test_cluster import check_invariant
+from tests.integration.cluster_helpers import (
+    check_invariant,
+    reference,
+    run_remote,
+    start,
+    workload,
+)
 
 
 @pytest.fixture(scope="module")

@@ -140,3 +140,47 @@ async def test_nats_server_subcommand_runs_until_sigterm(tmp_path):
         code = proc.stop(grace=10.0)  # SIGTERM by pid
     assert code == 0, proc.log_tail()
     assert not pid_alive(ready["pid"]), "the nats-server child outlived its wrapper"
+
+
+def test_jetstream_fsyncs_every_write():
+    import urllib.request
+
+    with NatsServer(monitor_port=0) as server:
+        assert "sync_interval: always" in server.config_path.read_text()
+        with urllib.request.urlopen(f"{server.monitor_url}/jsz", timeout=5) as reply:
+            config = json.loads(reply.read())["config"]
+        assert config["sync_always"] is True
+        assert config["store_dir"].startswith(str(server.store_dir))
+
+
+async def test_restart_after_sigkill_keeps_kv_value_and_stream_message():
+    from nats.js.api import StreamConfig
+
+    with NatsServer() as server:
+        url, port, store = server.url, server.port, server.store_dir
+        nc = await connect(url, reconnect_time_wait=0.05, max_reconnect_attempts=-1)
+        try:
+            js = nc.jetstream(timeout=2.0)
+            await js.add_stream(StreamConfig(name="EVENTS", subjects=["epserve.test.events"]))
+            ack = await js.publish("epserve.test.events", b"one")
+            kv = await js.create_key_value(bucket="state")
+            await kv.put("k", b"v")
+
+            os.kill(server.pid, 9)  # SIGKILL by pid, behind the server object's back
+            first_pid = server.pid
+            server.restart()
+            assert (server.port, server.store_dir, server.url) == (port, store, url)
+            assert server.pid != first_pid and not pid_alive(first_pid)
+
+            async with asyncio.timeout(10):  # the client reconnects by itself
+                while True:
+                    try:
+                        msg = await js.get_msg("EVENTS", ack.seq)
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.05)
+            assert msg.data == b"one"
+            kv = await js.key_value("state")
+            assert (await kv.get("k")).value == b"v"
+        finally:
+            await nc.close()

@@ -14,8 +14,7 @@ from services.engine.reference import GenerationRequest
 from services.engine.sampling import SamplingParams
 from services.local.cluster import ClusterSpec
 from services.protos_gen.epserve.v1 import control_pb2
-from tests.integration.cluster_helpers import reference, run_remote, start
-from tests.integration.test_cluster import check_invariant
+from tests.integration.cluster_helpers import check_invariant, reference, run_remote, start
 
 REBALANCE = ClusterSpec(
     model="", prefill=1, decode=1, expert_workers=2, redundant_experts=2,

@@ -14,7 +14,7 @@ import torch
 
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.microbatch import OverlapSettings
-from services.engine.overlap import overlapped_forward
+from services.engine.overlap import compute_executor, overlapped_forward
 from services.model.deepseek import Attended
 from services.model.loader import load_model
 
@@ -157,8 +157,12 @@ class _LocalExperts:
         self.model = model
 
     async def dispatch(self, step_id, micro_batch, layer, x, ids, weights):
-        with torch.inference_mode():
-            return self.model.layers[layer].mlp.experts(x, ids, weights)
+        def experts():
+            with torch.inference_mode():
+                return self.model.layers[layer].mlp.experts(x, ids, weights)
+
+        # on the compute thread, as the plain forward's experts: see below
+        return await asyncio.get_running_loop().run_in_executor(compute_executor(), experts)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -167,7 +171,9 @@ def test_one_micro_batch_overlapped_forward_equals_forward(model, kind):
     order) it returns the plain forward's logits bit for bit."""
     cache, batch, ids = _step(model, kind)
     caches = [c.clone() for c in cache.layers]
-    want = model(ids, batch, cache.layers)
+    # The plain forward on the compute thread too: BLAS may block a matmul differently on
+    # another thread (its own OpenMP settings), and this compares bit for bit.
+    want = compute_executor().submit(model, ids, batch, cache.layers).result()
     got, stats = asyncio.run(overlapped_forward(model, _LocalExperts(model), ids, batch, caches,
                                                 OverlapSettings(micro_batches=1), step_id=0))
     assert stats.micro_batches == 1

@@ -90,20 +90,22 @@ class Member(_message.Message):
     def __init__(self, last: _Optional[_Union[Heartbeat, _Mapping]] = ..., state: _Optional[_Union[InstanceState, str]] = ..., first_seen: _Optional[float] = ..., last_seen: _Optional[float] = ...) -> None: ...
 
 class Topology(_message.Message):
-    __slots__ = ("version", "num_workers", "num_logical_experts", "layer_ids", "phy2log", "worker_endpoints")
+    __slots__ = ("version", "num_workers", "num_logical_experts", "layer_ids", "phy2log", "worker_endpoints", "lost_ranks")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_LOGICAL_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
     PHY2LOG_FIELD_NUMBER: _ClassVar[int]
     WORKER_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    LOST_RANKS_FIELD_NUMBER: _ClassVar[int]
     version: int
     num_workers: int
     num_logical_experts: int
     layer_ids: _containers.RepeatedScalarFieldContainer[int]
     phy2log: _containers.RepeatedScalarFieldContainer[int]
     worker_endpoints: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_logical_experts: _Optional[int] = ..., layer_ids: _Optional[_Iterable[int]] = ..., phy2log: _Optional[_Iterable[int]] = ..., worker_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
+    lost_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_logical_experts: _Optional[int] = ..., layer_ids: _Optional[_Iterable[int]] = ..., phy2log: _Optional[_Iterable[int]] = ..., worker_endpoints: _Optional[_Iterable[str]] = ..., lost_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
     __slots__ = ("request_id", "model", "started_at", "finished_at", "prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens", "finish_reason", "prefill_instance", "decode_instance", "time_to_first_token_s", "usage_id", "migrations")
