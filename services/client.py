@@ -34,15 +34,18 @@ class RemoteCompletion:
         return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
 
 
-# A request that fails with these before its first token is sent to the next router: the
-# router went away or is draining, so it did not run the request.
+# A request that fails with these is sent to the next router: the router went away (died,
+# draining, unreachable). Before the first token it is sent again as it was; mid-stream it is
+# resumed: the next router continues after the tokens already received (resume_token_ids).
 RETRY_ON_ANOTHER_ROUTER = (grpc.StatusCode.UNAVAILABLE,)
 
 
 class InferenceClient:
-    """`endpoint`: one router's host:port, or several separated by commas. A request that fails
-    before its first token with UNAVAILABLE (the router died, is draining, or is unreachable)
-    is retried on the next router, each at most once."""
+    """`endpoint`: one router's host:port, or several separated by commas. A request whose
+    router fails with UNAVAILABLE is retried, or resumed mid-stream, on the next router, each
+    router at most once per request; the completion is one stream either way (greedy and
+    seeded output as one router would give it; a request sampled without a seed is resumed
+    with a fresh one)."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
@@ -81,23 +84,25 @@ class InferenceClient:
             sampling=params_to_proto(params or SamplingParams()))
         first = self._next
         self._next += 1
+        out, pieces, t0 = RemoteCompletion(request_id), [], time.perf_counter()
         for tried in range(len(self.stubs)):
-            out = RemoteCompletion(request_id)
             try:
-                return await self._generate_on(first + tried, req, timeout, out)
+                return await self._generate_on(first + tried, req, timeout, out, pieces, t0)
             except grpc.aio.AioRpcError as exc:
-                if out.token_ids or exc.code() not in RETRY_ON_ANOTHER_ROUTER \
-                        or tried == len(self.stubs) - 1:
+                if exc.code() not in RETRY_ON_ANOTHER_ROUTER or tried == len(self.stubs) - 1:
                     raise
+                del req.resume_token_ids[:]
+                req.resume_token_ids.extend(out.token_ids)
         raise AssertionError("unreachable")
 
-    async def _generate_on(self, router: int, req, timeout, out: RemoteCompletion
-                           ) -> RemoteCompletion:
-        t0 = time.perf_counter()
-        pieces = []
+    async def _generate_on(self, router: int, req, timeout, out: RemoteCompletion,
+                           pieces: list[str], t0: float) -> RemoteCompletion:
         async for resp in self.stream(req, timeout, router):
             now = time.perf_counter() - t0
             if resp.WhichOneof("kind") == "delta":
+                if resp.delta.index != len(out.token_ids):  # a router broke the stream contract
+                    raise RuntimeError(f"{out.request_id}: token index {resp.delta.index} "
+                                       f"arrived, expected {len(out.token_ids)}")
                 if not out.token_ids:
                     out.ttft_s = now
                 out.token_ids.extend(resp.delta.token_ids)

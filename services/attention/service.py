@@ -64,6 +64,7 @@ class AttentionService(Service):
             self.tracer = ChromeTrace(cfg.trace, f"{self.role} {self.instance_id}",
                                       cfg.trace_max_events)
         self.engine = EPEngine(model, client=None, tracer=self.tracer)
+        self.engine.redo_window_s = cfg.expert_timeout_s  # routing around a lost worker
         self.topology = TopologyFollower(self.engine, await kv_bucket(js, subjects.TOPOLOGY_BUCKET),
                                          cfg.wire, cfg.expert_timeout_s, name=self.instance_id)
         # The scheduler's overlap plan; the engine adopts each new one at its next step.

@@ -57,6 +57,10 @@ class RequestFlow:
     async def run(self, req: ValidRequest, outcome: Outcome
                   ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         stream = _Stream(req, self.tokenizer, self.parts.clock())
+        if req.resume_ids:  # the client resumes on this router: as a migration from its tokens
+            outcome.migrations = 1
+            outcome.completion_tokens = len(req.resume_ids)
+            metrics.MIGRATIONS.labels(reason="resumed").inc()
         deadline = stream.t0 + self.timeout_s
         while True:
             attempt = Attempt(self.parts, self._plan(req, stream.streamed, outcome.migrations),
@@ -112,6 +116,8 @@ class RequestFlow:
         # A migrated attempt gets its own internal id: the old instance may still hold the
         # request (a stalled one), and "#" is not allowed in client ids, so none collides.
         rid = req.request_id if not migrations else f"{req.request_id}#m{migrations}"
+        if req.resume_ids:  # another router may have used the #m ids of this request
+            rid = f"{req.request_id}#r{len(req.resume_ids)}m{migrations}"
         return AttemptPlan(rid, list(req.prompt_ids) + streamed, sampling, len(streamed))
 
     def _migrate(self, req: ValidRequest, outcome: Outcome, move: Migrate) -> None:
@@ -157,5 +163,8 @@ class _Stream:
         self.req, self.t0 = req, t0
         self.checker = TokenSequenceChecker(req.sampling.max_tokens)
         self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids)
-        self.streamed: list[int] = []
+        self.streamed: list[int] = list(req.resume_ids)
+        self.checker.received = len(self.streamed)  # the client has these already
+        for token in self.streamed:  # their text too: deltas continue after it
+            self.detok.push(token)
         self.last_token_at: float | None = None

@@ -43,7 +43,7 @@ def raw_request(request: inference_pb2.GenerateRequest, request_id: str) -> RawR
         max_tokens=s.max_tokens, temperature=s.temperature,
         top_p=s.top_p if s.HasField("top_p") else None, top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos)
+        ignore_eos=s.ignore_eos, resume_token_ids=tuple(request.resume_token_ids))
 
 
 class Gateway:

@@ -47,6 +47,7 @@ class RawRequest:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    resume_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ValidRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams  # a concrete seed whenever temperature > 0
+    resume_ids: tuple[int, ...] = ()  # tokens the client already has (see GenerateRequest)
 
 
 def validate(raw: RawRequest, limits: ModelLimits, encoder: PromptEncoder) -> ValidRequest:
@@ -79,7 +81,12 @@ def validate(raw: RawRequest, limits: ModelLimits, encoder: PromptEncoder) -> Va
     prompt_ids = encode_prompt(raw, encoder)
     _check_ids("prompt_ids", prompt_ids, limits.vocab_size)
     check_lengths(len(prompt_ids), sampling.max_tokens, limits.context_length)
-    return ValidRequest(raw.request_id, prompt_ids, sampling.with_seed())
+    _check_ids("resume_token_ids", raw.resume_token_ids, limits.vocab_size)
+    if len(raw.resume_token_ids) >= sampling.max_tokens:
+        raise InvalidRequest(f"resume_token_ids holds {len(raw.resume_token_ids)} tokens; "
+                             f"max_tokens {sampling.max_tokens} leaves nothing to generate")
+    return ValidRequest(raw.request_id, prompt_ids, sampling.with_seed(),
+                        tuple(raw.resume_token_ids))
 
 
 def check_request_id(request_id: str) -> None:

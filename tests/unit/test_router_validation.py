@@ -270,3 +270,12 @@ def test_checks_run_cheapest_first():
     enc = FakeEncoder()
     assert "max_tokens" in invalid(raw(prompt="hello", max_tokens=0), enc)
     assert enc.calls == [], "sampling is checked before the prompt is tokenised"
+
+
+# -- resuming a request on another router ------------------------------------------------------
+
+def test_resume_tokens_are_checked_and_kept():
+    ok = validate(raw(max_tokens=4, resume_token_ids=(8, 9)), LIMITS, FakeEncoder())
+    assert ok.resume_ids == (8, 9) and ok.sampling.max_tokens == 4
+    assert "resume_token_ids" in invalid(raw(resume_token_ids=(8, 100)))
+    assert "leaves nothing to generate" in invalid(raw(max_tokens=2, resume_token_ids=(8, 9)))
