@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_DIR ?= models/v3-mini
 
-.PHONY: install run test bench lint protos clean
+.PHONY: install run test chaos bench lint protos clean
 
 install: $(STAMP)
 
@@ -27,9 +27,15 @@ $(MODEL_DIR)/config.json: | install
 run: install $(MODEL_DIR)/config.json
 	$(BIN)/python -m services.local.demo --model $(MODEL_DIR)
 
+# Everything but the full chaos matrix, plus its quick subset (marker chaos_quick, ~2 min).
 test: install
 	$(BIN)/ruff check services tests bench
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -m "not chaos or chaos_quick"
+
+# The whole chaos matrix against one supervised cluster (~15 min; docs/chaos.md); writes
+# tests/chaos/last_run.md.
+chaos: install
+	$(BIN)/python -m pytest -q tests/chaos -m chaos
 
 bench: install $(MODEL_DIR)/config.json
 	$(BIN)/python -m bench.run_all --model $(MODEL_DIR)

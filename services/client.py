@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.common.channels import CHANNEL_OPTIONS
 from services.engine.sampling import SamplingParams
 from services.engine.sampling_proto import params_to_proto
 from services.protos_gen.epserve.v1 import inference_pb2, inference_pb2_grpc
@@ -37,7 +38,12 @@ class RemoteCompletion:
 # A request that fails with these is sent to the next router: the router went away (died,
 # draining, unreachable). Before the first token it is sent again as it was; mid-stream it is
 # resumed: the next router continues after the tokens already received (resume_token_ids).
-RETRY_ON_ANOTHER_ROUTER = (grpc.StatusCode.UNAVAILABLE,)
+RETRY_ON_ANOTHER_ROUTER = (grpc.StatusCode.UNAVAILABLE,)  # the router's own failure
+
+
+def _router_verdict(exc: grpc.aio.AioRpcError) -> bool:
+    """The router itself ended the request (services/router/server.py ROUTER_VERDICT)."""
+    return ("epserve-verdict", "router") in tuple(exc.trailing_metadata() or ())
 
 
 class InferenceClient:
@@ -52,7 +58,8 @@ class InferenceClient:
         if not self.endpoints:
             raise ValueError("no router endpoint given")
         self.endpoint = self.endpoints[0]
-        self.channels = [grpc.aio.insecure_channel(e) for e in self.endpoints]
+        self.channels = [grpc.aio.insecure_channel(e, options=CHANNEL_OPTIONS)
+                         for e in self.endpoints]
         self.stubs = [inference_pb2_grpc.InferenceStub(c) for c in self.channels]
         self.channel, self.stub = self.channels[0], self.stubs[0]
         self._next = 0  # requests start on the routers in turn
@@ -91,6 +98,8 @@ class InferenceClient:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRY_ON_ANOTHER_ROUTER or tried == len(self.stubs) - 1:
                     raise
+                if out.token_ids and _router_verdict(exc):
+                    raise  # the router failed it on purpose (it billed what it streamed)
                 del req.resume_token_ids[:]
                 req.resume_token_ids.extend(out.token_ids)
         raise AssertionError("unreachable")

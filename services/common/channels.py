@@ -12,10 +12,15 @@ import grpc
 MAX_MESSAGE_BYTES = 512 << 20
 GRPC_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
+# A channel to a peer that died backs off before it reconnects, by default for up to two
+# minutes: a peer restarted on its endpoint would look dead long after it is back.
+CHANNEL_OPTIONS = GRPC_OPTIONS + (("grpc.initial_reconnect_backoff_ms", 100),
+                                  ("grpc.min_reconnect_backoff_ms", 100),
+                                  ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
 def new_server() -> grpc.aio.Server:

@@ -61,13 +61,16 @@ class DecodeCore:
         self._task: asyncio.Task | None = None
         self.steps = 0
         self.last_batch = 0
+        self._in_step: set[str] = set()  # the sequences of the step in flight
+        self._deferred_free: list[str] = []  # released during it: freed when it is over
 
     # ---- admission ------------------------------------------------------------------------
     async def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     step_offset: int = 0) -> DecodeSlot:
         if self.draining:
             raise Rejected("UNAVAILABLE", "decode instance is draining")
-        if request_id in self.slots or request_id in self._waiting:
+        if request_id in self.slots or request_id in self._waiting \
+                or self.budget.holds(request_id):  # (a cancel waiting for its step to end)
             raise Rejected("ALREADY_EXISTS", f"request {request_id} is already here")
         blocks = self.budget.blocks_needed(len(prompt_ids), params.max_tokens,
                                            self.cfg.max_position_embeddings)
@@ -139,6 +142,19 @@ class DecodeCore:
     async def _step(self, batch_slots: list[DecodeSlot]) -> None:
         chunks = [SeqChunk(s.request_id, s.seq.cache_len, 1) for s in batch_slots]
         batch = self.cache.batch(chunks)
+        # This step will write KV into these sequences' blocks: a sequence cancelled while it
+        # runs keeps its blocks (and its reservation) until the step is over, or the blocks
+        # could already belong to a request installed meanwhile.
+        self._in_step = {s.request_id for s in batch_slots}
+        try:
+            await self._run_step(batch_slots, batch)
+        finally:
+            self._in_step = set()
+            for request_id in self._deferred_free:
+                self._free(request_id)
+            self._deferred_free.clear()
+
+    async def _run_step(self, batch_slots: list[DecodeSlot], batch) -> None:
         ids = torch.tensor([s.seq.output_ids[-1] for s in batch_slots], dtype=torch.long)
         metrics.BATCH.observe(len(batch_slots))
         logits = (await self.forward(ids, batch, self.cache.layers)).float().cpu()
@@ -163,8 +179,14 @@ class DecodeCore:
     def _release(self, slot: DecodeSlot) -> None:
         if self.slots.pop(slot.request_id, None) is None:
             return
-        self.cache.free(slot.request_id)
-        self.budget.release(slot.request_id)
+        if slot.request_id in self._in_step:
+            self._deferred_free.append(slot.request_id)
+        else:
+            self._free(slot.request_id)
+
+    def _free(self, request_id: str) -> None:
+        self.cache.free(request_id)
+        self.budget.release(request_id)
         asyncio.get_running_loop().create_task(self._notify_room())
 
     async def _notify_room(self) -> None:

@@ -18,6 +18,7 @@ from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
 
 log = structlog.get_logger("decode")
 QUEUED_EVERY_S = 1.0
+ALIVE_EVERY_S = 1.0
 
 
 class DecodeServicer(serving_pb2_grpc.DecodeServicer):
@@ -57,7 +58,12 @@ class DecodeServicer(serving_pb2_grpc.DecodeServicer):
             last = None
             try:
                 while True:
-                    kind, a, b = await slot.events.get()
+                    try:
+                        kind, a, b = await asyncio.wait_for(slot.events.get(), ALIVE_EVERY_S)
+                    except TimeoutError:  # no token for a while: say the request lives here
+                        yield serving_pb2.DecodeEvent(alive=serving_pb2.DecodeAlive(
+                            tokens=slot.emitted))
+                        continue
                     if kind == "token":
                         now = time.monotonic()
                         if last is not None:

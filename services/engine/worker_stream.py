@@ -61,6 +61,11 @@ class WorkerTiming:
         return self.sent if self.reply is None else min(self.sent, self.reply)
 
 
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class WorkerStream:
     def __init__(self, rank: int, target: str) -> None:
         self.rank, self.target = rank, target
@@ -97,8 +102,11 @@ class WorkerStream:
             self.fail(EPError(f"expert worker {self.rank} ({self.target}) closed its stream",
                               rank=self.rank))
         except grpc.aio.AioRpcError as exc:
+            # Whatever its code (INTERNAL when the worker's server stops under the stream),
+            # a broken stream means the worker went away: UNAVAILABLE, routed around.
+            # Rejections of one dispatch come in-band instead (DispatchResponse.error).
             self.fail(EPError(f"expert worker {self.rank} ({self.target}) failed: "
-                              f"{exc.code().name} {exc.details()}", exc.code().name, self.rank))
+                              f"{exc.code().name} {exc.details()}", "UNAVAILABLE", self.rank))
         except asyncio.CancelledError:
             self.fail(EPError("dispatch stream closed", rank=self.rank))
             raise
@@ -117,6 +125,7 @@ class WorkerStream:
         if self.broken:
             raise self.broken
         fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_retrieve)  # a reply nobody waits for any more must not warn
         async with self.write_lock:
             self.pending.append(fut)
             try:

@@ -36,8 +36,11 @@ from services.common.control import REPLICAS_ENV
 from services.local.nats_cluster import NatsCluster
 from services.local.nats_server import NatsServer
 from services.local.ports import free_port
-from services.local.procs import ProcessGroup, ServiceProcess
+from services.local.procs import ProcessGroup, ServiceProcess, ServiceStartError
 from services.local.supervisor import Supervised, Supervisor
+
+# How a service says its port was taken (grpc: "Failed to bind"; asyncio: errno 98).
+PORT_TAKEN = ("address already in use", "Address already in use", "Failed to bind", "Errno 98")
 
 
 @dataclass(frozen=True)
@@ -175,9 +178,19 @@ class LocalCluster:
         return proc, target
 
     def _stage(self, starts: list[tuple[str, str, list[str]]], timeout: float) -> None:
-        started = [self._start(*s) for s in starts]
-        for proc, target in started:
-            proc.wait_healthy(target, timeout)
+        started = [(s, *self._start(*s)) for s in starts]
+        for start, proc, target in started:
+            for attempt in range(3):
+                try:
+                    proc.wait_healthy(target, timeout)
+                    break
+                except ServiceStartError as exc:
+                    # A free port was taken by someone else before the service bound it (the
+                    # gap between choosing and binding): start it again on another one.
+                    if attempt == 2 or not any(m in str(exc) for m in PORT_TAKEN):
+                        raise
+                    self.group.remove(proc)
+                    proc, target = self._start(*start)
 
     def start(self, timeout: float = 300.0) -> LocalCluster:
         s = self.spec

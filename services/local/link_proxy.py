@@ -290,6 +290,8 @@ class LinkProxy:
         self.stats.connections_total += 1
         try:
             await conn.run()
+        except asyncio.CancelledError:  # dropped on command, or the proxy stops: done
+            pass
         except Exception:  # a handler must not raise into asyncio's server machinery
             log.exception("link_proxy_connection_failed")
         finally:

@@ -285,6 +285,11 @@ class ProcessGroup:
     ) -> ServiceProcess:
         return self.start(ServiceProcess.epserve(name, args, self.log_dir, env=env))
 
+    def remove(self, proc: ServiceProcess) -> None:
+        """Forget a child that is not running (a failed start, to be started anew)."""
+        proc.stop()
+        self._procs.remove(proc)
+
     def __getitem__(self, name: str) -> ServiceProcess:
         for proc in self._procs:
             if proc.name == name:

@@ -11,12 +11,15 @@
 
 Every wait has a deadline sized from what the router has measured (services/common/
 deadline.py): a decode instance that breaks its stream, ends it early, or stays silent past
-the token-gap deadline raises `Migrate`; the flow (flow.py) then starts the next attempt.
+the token-gap deadline raises `Migrate`; the flow (flow.py) then starts the next attempt. A
+decode instance that is slow, not stalled (a step redone around a lost expert worker), sends
+`alive` events meanwhile, so it is not taken for a stalled one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -94,8 +97,8 @@ class Attempt:
 
     async def events(self) -> AsyncIterator[serving_pb2.DecodeEvent]:
         """This attempt's token and finished events; Migrate or RequestFailed otherwise."""
-        rid = self.plan.request_id
         call, decode = await self._open_decode()
+        rid = self.plan.request_id  # as the decode instance accepted it
         self.outcome.decode_instance = decode.instance_id
         prefill = asyncio.create_task(self._prefill(decode.endpoint))
         read: asyncio.Future | None = None
@@ -137,6 +140,9 @@ class Attempt:
                 event = self._event(read, decode.instance_id)
                 read = None
                 now = self.p.clock()
+                if event.WhichOneof("kind") in ("alive", "queued"):  # alive, just slow
+                    last_event_at = now
+                    continue
                 if event.WhichOneof("kind") == "token":
                     if tokens or prefill_done_at is not None:
                         self.p.token_gaps.observe(1, now - last_event_at)
@@ -180,10 +186,11 @@ class Attempt:
             await asyncio.sleep(0.05)
 
     async def _open_decode(self):
-        p, plan, rid = self.p, self.plan, self.plan.request_id
+        p = self.p
         last_error, last_code = "", None
         refused: set[str] = set()
-        for _ in range(p.decode_attempts):
+        for tried in range(p.decode_attempts):
+            plan, rid = self.plan, self.plan.request_id
             eligible = await self._eligible(DECODE)
             try:
                 inst = p.chooser.choose_decode(eligible, len(plan.prompt_ids),
@@ -212,6 +219,22 @@ class Attempt:
             except grpc.aio.AioRpcError as exc:
                 call.cancel()
                 p.chooser.decode_finished(rid)
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    # The instance still holds this id: a client retrying a request whose
+                    # router died, before that router's call was cancelled. A fresh internal
+                    # id ("#" is not allowed in client ids) does not collide.
+                    self.plan = dataclasses.replace(plan, request_id=f"{plan.request_id}#d{tried}")
+                    continue
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and \
+                        not (exc.details() or "").startswith(rid):
+                    # Not the instance refusing (its messages name the request): it could not
+                    # be reached (dead, restarting). Skip it until it beats again, try again.
+                    log.info("decode_unreachable", decode=inst.instance_id,
+                             reason=exc.details())
+                    p.view.suspect(inst.instance_id, p.clock())
+                    last_error = f" (last error: {inst.instance_id}: {exc.details()})"
+                    last_code = exc.code()
+                    continue
                 if exc.code() not in DECODE_REFUSALS:
                     raise failed(exc, rid, f"decode {inst.instance_id}") from exc
                 metrics.DECODE_REFUSALS.inc()
@@ -229,7 +252,8 @@ class Attempt:
                 continue
             return call, inst
         raise RequestFailed(last_code or grpc.StatusCode.UNAVAILABLE,
-                            f"{rid}: every decode instance tried refused the request{last_error}")
+                            f"{self.plan.request_id}: every decode instance tried refused the "
+                            f"request{last_error}")
 
     async def _accepted(self, call, decode_id: str):
         """The `accepted` event (None when the instance stays silent or ends the stream);

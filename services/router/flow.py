@@ -62,6 +62,10 @@ class RequestFlow:
             outcome.completion_tokens = len(req.resume_ids)
             metrics.MIGRATIONS.labels(reason="resumed").inc()
         deadline = stream.t0 + self.timeout_s
+        if req.resume_ids and self._already_finished(req, stream.streamed) is not None:
+            # everything was streamed before the client's router went away: only the end
+            yield self._final(stream, outcome, self._already_finished(req, stream.streamed))
+            return
         while True:
             attempt = Attempt(self.parts, self._plan(req, stream.streamed, outcome.migrations),
                               deadline, outcome)

@@ -73,8 +73,10 @@ class InstanceView:
         self._control_heard_at = now
 
     def _reference(self, now: float) -> float:
-        """`now`, or during a control-plane outage the time of the last heartbeat heard."""
-        return self._control_heard_at if self.outage(now) else now
+        """Silence is measured up to the last heartbeat heard on the control plane (the
+        router hears its own every interval), so an outage that just began counts against
+        no one; `now` when the router reports none."""
+        return now if self._control_heard_at is None else min(now, self._control_heard_at)
 
     def suspect(self, instance_id: str, now: float) -> None:
         """A call to this instance just failed: skip it until it beats again."""

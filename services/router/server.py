@@ -1,8 +1,9 @@
 """gRPC shell of the router: the public `epserve.v1.Inference` API.
 
 Generate: validate (INVALID_ARGUMENT) -> admit (RESOURCE_EXHAUSTED beyond the bound) -> the
-request flow (services/router/flow.py) -> one usage record per admitted request, whatever
-its end (finished, failed or cancelled by the client).
+request flow (services/router/flow.py) -> one usage record per admitted request that was
+served: finished, cancelled by the client, or failed after tokens were streamed (one that
+failed before its first token served nothing, and its client may retry it elsewhere).
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ class Gateway:
                 outcome_name = ("error" if error is not None else
                                 "ok" if outcome.finish_reason != "abort" else "cancelled")
                 metrics.REQUESTS.labels(outcome=outcome_name).inc()
-                self.usage.publish_later(self._record(valid, outcome))
+                if error is None or outcome.completion_tokens:
+                    self.usage.publish_later(self._record(valid, outcome))
+                # else: failed before its first token, nothing was served (the client may
+                # retry it elsewhere, which bills it once): no usage record
                 log.info("request_done", outcome=outcome_name, finish=outcome.finish_reason,
                          migrations=outcome.migrations,
                          completion_tokens=outcome.completion_tokens,
@@ -116,6 +120,11 @@ class Gateway:
             completion_tokens=outcome.completion_tokens, finish_reason=outcome.finish_reason,
             prefill_instance=outcome.prefill_instance, decode_instance=outcome.decode_instance,
             time_to_first_token_s=outcome.ttft_s)
+
+
+# Trailing metadata of an error the router decided (a refusal, a failed request), as opposed to
+# a router that went away mid-stream: a client resumes elsewhere only after the latter.
+ROUTER_VERDICT = (("epserve-verdict", "router"),)
 
 
 def new_request_id() -> str:
@@ -138,8 +147,8 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
         try:
             async for response in self.gateway.generate(raw):
                 yield response
-        except RequestFailed as exc:
-            await context.abort(exc.status, exc.message)
+        except RequestFailed as exc:  # marked as the router's own verdict (see client.py)
+            await context.abort(exc.status, exc.message, trailing_metadata=ROUTER_VERDICT)
 
     async def Tokenize(self, request, context):  # noqa: N802
         if request.model and request.model != self.limits.name:

@@ -82,9 +82,9 @@ def validate(raw: RawRequest, limits: ModelLimits, encoder: PromptEncoder) -> Va
     _check_ids("prompt_ids", prompt_ids, limits.vocab_size)
     check_lengths(len(prompt_ids), sampling.max_tokens, limits.context_length)
     _check_ids("resume_token_ids", raw.resume_token_ids, limits.vocab_size)
-    if len(raw.resume_token_ids) >= sampling.max_tokens:
-        raise InvalidRequest(f"resume_token_ids holds {len(raw.resume_token_ids)} tokens; "
-                             f"max_tokens {sampling.max_tokens} leaves nothing to generate")
+    if len(raw.resume_token_ids) > sampling.max_tokens:
+        raise InvalidRequest(f"resume_token_ids holds {len(raw.resume_token_ids)} tokens, "
+                             f"more than max_tokens {sampling.max_tokens}")
     return ValidRequest(raw.request_id, prompt_ids, sampling.with_seed(),
                         tuple(raw.resume_token_ids))
 

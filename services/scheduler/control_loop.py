@@ -199,6 +199,10 @@ class Scheduler:
             now = time.time()
             if self._control_plane_outage(now):
                 continue
+            # Silence is measured up to the last heartbeat heard from anyone (this scheduler
+            # hears its own every interval): a member is dead only if others were heard after
+            # its deadline, so a control plane that just stopped kills no one.
+            now = self._last_heartbeat_at
             try:
                 await self.place_around_lost_workers(now)
             except Exception as exc:  # the placement in service stays

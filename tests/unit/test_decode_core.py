@@ -342,3 +342,36 @@ async def test_finish_in_flight_drains(make_core):
     await asyncio.wait_for(core.finish_in_flight(poll_s=0.001), 2.0)
     assert core.draining and core.slots == {}
     assert (await events_until_done(slot))[-1] == ("finished", "length", 3)
+
+
+async def test_a_sequence_cancelled_mid_step_keeps_its_blocks_until_the_step_is_over(make_core):
+    """The step writes the cancelled sequence's new KV into its blocks after the cancel: they
+    must not have been handed to a request installed meanwhile (found by the chaos suite)."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    class SlowForward(FakeForward):
+        async def __call__(self, ids, batch, layers):
+            entered.set()
+            await release.wait()
+            # the step's cache write, as attention does it: into the slots it was given
+            for layer in layers:
+                layer.index_fill_(0, batch.write_slots, 99.0)
+            return await super().__call__(ids, batch, layers)
+
+    # exactly as many blocks as the two requests need: b can only get a's blocks back
+    core = make_core(SlowForward(), num_blocks=2)
+    a = await core.admit("a", [10] * 3, greedy(4))  # 7 tokens: 2 blocks
+    core.install_kv("a", kv(3), first_token=10)
+    await asyncio.wait_for(entered.wait(), 2.0)
+    core.cancel("a")  # mid-step
+    admit_b = asyncio.create_task(core.admit("b", [11] * 3, greedy(4)))
+    await settle()
+    assert not admit_b.done(), "a's reservation is held while its step runs"
+    release.set()
+    await asyncio.wait_for(admit_b, 2.0)
+    latent = kv(3)
+    core.install_kv("b", latent, first_token=11)
+    got = core.cache.read("b", 3)
+    assert torch.equal(got.cpu(), latent), "b's KV is its own"
+    assert a.seq.finish_reason == "abort"
+    core.cancel("b")

@@ -20,6 +20,12 @@ class DecodeRequest(_message.Message):
     step_offset: int
     def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., step_offset: _Optional[int] = ...) -> None: ...
 
+class DecodeAlive(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    def __init__(self, tokens: _Optional[int] = ...) -> None: ...
+
 class DecodeQueued(_message.Message):
     __slots__ = ("free_blocks", "needed_blocks")
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -53,16 +59,18 @@ class DecodeFinished(_message.Message):
     def __init__(self, finish_reason: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
-    __slots__ = ("accepted", "token", "finished", "queued")
+    __slots__ = ("accepted", "token", "finished", "queued", "alive")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
     accepted: DecodeAccepted
     token: DecodeToken
     finished: DecodeFinished
     queued: DecodeQueued
-    def __init__(self, accepted: _Optional[_Union[DecodeAccepted, _Mapping]] = ..., token: _Optional[_Union[DecodeToken, _Mapping]] = ..., finished: _Optional[_Union[DecodeFinished, _Mapping]] = ..., queued: _Optional[_Union[DecodeQueued, _Mapping]] = ...) -> None: ...
+    alive: DecodeAlive
+    def __init__(self, accepted: _Optional[_Union[DecodeAccepted, _Mapping]] = ..., token: _Optional[_Union[DecodeToken, _Mapping]] = ..., finished: _Optional[_Union[DecodeFinished, _Mapping]] = ..., queued: _Optional[_Union[DecodeQueued, _Mapping]] = ..., alive: _Optional[_Union[DecodeAlive, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_ids", "sampling", "decode_endpoint", "step_offset")
