@@ -17,7 +17,7 @@ COMMAND_MODULES = (
     "services.cli.model",  # make-model
     "services.cli.generate",  # generate
     "services.cli.placement",  # placement
-    "services.economics.cli",  # economics report|reproduce|capacity
+    "services.cli.economics",  # economics report|reproduce|capacity
     "services.cli.serve",  # serve <service>
     "services.cli.up",  # up
     "services.cli.local",  # link-proxy, nats-server

@@ -1,35 +1,37 @@
 """`epserve economics report|reproduce|capacity`: cost, revenue and margin of a day of serving.
 
-The argument parser and the handlers; services/economics is the core they call (files.py reads
-the inputs, text_view / json_view / charts show the results). Prices: `--prices FILE` wins, else
-the usage file's own `pricing_usd_per_million_tokens` table, else the versioned default
-(services/economics/data/prices.yaml).
+The I/O of services/economics lives here: the argument parser and the handlers, reading the
+input files (JSON or YAML, numbers as exact decimals; every problem is one CliError naming the
+file and the field: `usage file day.json: hourly_tokens[3].output_total: must be an integer >= 0,
+got -5`) and printing. The package is the pure core they call: its parse functions build the
+domain objects from the documents read here and views.py renders the results as text and JSON;
+the PNG charts are drawn here (matplotlib, imported only when charts are drawn).
+
+Prices: `--prices FILE` wins, else the usage file's own `pricing_usd_per_million_tokens` table,
+else the versioned default (services/economics/data/prices.yaml).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal, InvalidOperation
+from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
 
 from services.common.errors import CliError
-from services.economics import capacity, views
-from services.economics.files import (
-    REFERENCE_DAY,
-    data_path,
-    load_curve,
-    load_prices,
-    load_reference,
-    load_usage,
-)
-from services.economics.prices import PriceTable
+from services.economics import capacity, money, views
+from services.economics.money import TokenCounts
+from services.economics.prices import PriceTable, parse_price_table
 from services.economics.report import SPREAD_BY_NODES, SPREADS, Report, compute_report
-from services.economics.reproduce import reproduce
-from services.economics.spec import DataError
-from services.economics.tokens import TokenCounts
-from services.economics.usage import DayUsage, Deployment, NodeThroughput
+from services.economics.reproduce import reference_usage, reproduce
+from services.economics.spec import DataError, list_of, number
+from services.economics.usage import DayUsage, Deployment, NodeThroughput, Schedule, parse_usage
 
 GPU_PRICE = "override hardware.usd_per_gpu_hour"
 
@@ -145,7 +147,8 @@ def choose_prices(path: Path | None, usage: DayUsage) -> PriceTable:
 
 
 def _capacity_totals(args: argparse.Namespace, usage: DayUsage) -> dict[str, TokenCounts]:
-    totals = {model: usage.tokens_of(model) for model in usage.models}
+    totals = {model: TokenCounts.sum(b.tokens for b in usage.traffic if b.model == model)
+              for model in usage.models}
     if args.input_tokens is not None or args.output_tokens is not None:
         if len(totals) != 1:
             raise CliError("--input-tokens/--output-tokens need a usage file with one model")
@@ -200,15 +203,91 @@ def _curve(path: Path | None, usage: DayUsage, prices: PriceTable) -> dict:
 
 def _charts(args: argparse.Namespace, report: Report, usage: DayUsage, prefix: str,
             title: str) -> list[str]:
+    """PNG charts in the style of DeepSeek's day-6 figures, written to --chart-dir."""
     if args.chart_dir is None or getattr(args, "no_charts", False):
         return []
-    from services.economics.charts import write_charts  # matplotlib only when charts are drawn
+    import matplotlib  # only when charts are drawn
 
+    matplotlib.use("Agg")  # no display: files only
+    from matplotlib import pyplot as plt
+
+    paths = [args.chart_dir / f"{prefix}_income_cost.png", args.chart_dir / f"{prefix}_nodes.png"]
     try:
-        paths = write_charts(report, usage.schedule, args.chart_dir, prefix=prefix, title=title)
+        args.chart_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(f"cannot create chart directory {args.chart_dir}: "
+                       f"{exc.strerror or exc}") from None
+    for draw, path in zip((_income_cost_chart, _node_chart), paths, strict=True):
+        fig = draw(plt, report, usage.schedule, title)
+        fig.tight_layout()
+        try:
+            fig.savefig(path, dpi=110)
+        except OSError as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            plt.close(fig)
     return [str(p) for p in paths]
+
+
+def _income_cost_chart(plt, report: Report, schedule: Schedule, title: str):
+    """Hourly income bars under the hourly cost line, as in DeepSeek's day-6 figure."""
+    hours = report.hours
+    # Rates per hour, so that a partial first or last hour is not drawn as a dip.
+    series = [[float(value(h)) / ((h.end - h.start) / 3600) for h in hours] for value in (
+        lambda h: h.theoretical_revenue_usd, lambda h: h.revenue_usd,
+        lambda h: h.occupied.cost_usd)]
+    big = max(series[0] + series[2]) >= 10_000
+    theoretical, billed, cost = ([v / (1000.0 if big else 1.0) for v in s] for s in series)
+    x = list(range(len(hours)))
+    fig, ax = plt.subplots(figsize=(11, 5))
+    ax.bar(x, theoretical, width=0.8, color="#9ec5f0", label="theoretical income (standard prices)")
+    if billed != theoretical:
+        ax.bar(x, billed, width=0.5, color="#1f5fa8", label="income as billed (time-of-day tiers)")
+    # Hour k's bar is centred on k, so its cost step runs from k - 0.5 to k + 0.5.
+    ax.step([k - 0.5 for k in range(len(x) + 1)], [*cost, cost[-1]], where="post",
+            color="#f2a900", linewidth=2.5, label="cost")
+    ax.set_xticks(x[::2], [h.label for h in hours][::2], rotation=0)
+    ax.set_xlim(-0.6, len(x) - 0.4)
+    ax.set_ylabel("USD per hour (thousands)" if big else "USD per hour")
+    ax.set_xlabel(f"hour starting ({report.window.tz})")
+    estimated = "" if report.traffic_timed else " - hourly income estimated from day totals"
+    ax.set_title(f"{title}: cost and theoretical income{estimated}", fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_ylim(0, max([*theoretical, *cost, 0.001]) * 1.25)  # headroom for the legend
+    ax.legend(loc="upper center", ncol=3, fontsize=9, frameon=False)
+    return fig
+
+
+def _node_chart(plt, report: Report, schedule: Schedule, title: str):
+    """The node count as a step chart, stacked by phase when the schedule names phases."""
+    end = report.window.seconds
+    times = sorted({0, end, *[t for t in schedule.edges if 0 <= t <= end]})
+    xs = [t / 3600 for t in times]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    if schedule.phased:
+        total = [0.0] * len(times)
+        for phase, colour in (("prefill", "#7fb77e"), ("decode", "#4a7ebb")):
+            if phase in schedule.phases:
+                top = [b + schedule.gpus_at(t, phase) / schedule.gpus_per_node
+                       for b, t in zip(total, times, strict=True)]
+                ax.fill_between(xs, total, top, step="post", alpha=0.8, color=colour, label=phase)
+                total = top
+    else:
+        total = [schedule.gpus_at(t) / schedule.gpus_per_node for t in times]
+        ax.fill_between(xs, 0, total, step="post", alpha=0.35, color="#4a7ebb")
+    ax.step(xs, total, where="post", color="#1f3f6e", linewidth=2, label="nodes")
+    ticks = list(range(0, end // 3600 + 1, 2))
+    ax.set_xticks(ticks, [report.window.clock(h * 3600) for h in ticks])
+    ax.set_xlim(0, end / 3600)
+    ax.set_ylim(0, max(total + [1]) * 1.12)
+    ax.set_ylabel("nodes")
+    ax.set_xlabel(f"time ({report.window.tz})")
+    o, number = report.occupied, money.number
+    ax.set_title(f"{title}: nodes in service - peak {number(o.peak_nodes)}, average "
+                 f"{number(o.avg_nodes)} ({number(o.node_hours)} node-hours)", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=9)
+    return fig
 
 
 def _print(args: argparse.Namespace, doc: dict, text) -> int:
@@ -224,3 +303,91 @@ def _decimal_arg(text: str) -> Decimal:
     if not value.is_finite() or value < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
     return value
+
+
+# ---- reading input files ----
+
+DEFAULT_PRICES, REFERENCE_DAY = "prices.yaml", "deepseek_day6.json"
+T = TypeVar("T")
+
+
+class _DecimalLoader(yaml.SafeLoader):
+    """SafeLoader that reads floats as exact Decimals (0.14 -> Decimal("0.14"))."""
+
+
+def _yaml_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
+    raw = str(loader.construct_scalar(node)).replace("_", "")
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite():
+        raise yaml.constructor.ConstructorError(None, None, f"not a finite number: {raw!r}",
+                                                node.start_mark)
+    return value
+
+
+_DecimalLoader.add_constructor("tag:yaml.org,2002:float", _yaml_decimal)
+
+
+def data_path(name: str) -> Path:
+    """A file shipped in services/economics/data."""
+    return Path(str(resources.files("services.economics.data").joinpath(name)))
+
+
+def load_document(path: Path, what: str) -> Any:
+    """A JSON or YAML document, numbers read as exact decimals."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+    if path.suffix.lower() == ".jsonl":  # per-request records: metering.aggregate_records
+        raise CliError(f"{what} {path}: JSONL usage records are not read; a usage file carries "
+                       "them folded into hourly_tokens rows")
+    if path.suffix.lower() == ".json":
+        return _json(text, f"{what} {path}: ")
+    try:
+        return yaml.load(text, Loader=_DecimalLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())
+        raise CliError(f"{what} {path}: not valid YAML or JSON: {problem}") from None
+
+
+def load(path: Path, what: str, parse: Callable[[Any], T]) -> T:
+    """The document in `path`, validated and built by `parse`."""
+    doc = load_document(path, what)
+    try:
+        return parse(doc)
+    except DataError as exc:
+        raise CliError(f"{what} {path}: {exc}") from None
+
+
+def load_usage(path: Path) -> DayUsage:
+    return load(path, "usage file", parse_usage)
+
+
+def load_reference(path: Path | None) -> DayUsage:
+    """DeepSeek's published day (reproduce.reference_usage), by default the shipped copy."""
+    return load(path or data_path(REFERENCE_DAY), "usage file", reference_usage)
+
+
+def load_prices(path: Path | None) -> PriceTable:
+    """The price table in `path`, or the versioned default shipped with epserve."""
+    path = path or data_path(DEFAULT_PRICES)
+    return load(path, "price file", lambda doc: parse_price_table(doc, source=str(path)))
+
+
+def load_curve(path: Path) -> list[Decimal]:
+    """Hourly traffic weights: a list of numbers >= 0, one per hour from the window start."""
+    weights = list_of(number(), "must be a non-empty list of numbers")
+    return load(path, "hourly curve", lambda doc: weights(doc, "weights"))
+
+
+def _json(text: str, where: str) -> Any:
+    def reject(constant: str) -> Any:
+        raise CliError(f"{where}{constant} is not a valid number")
+
+    try:
+        return json.loads(text, parse_float=Decimal, parse_constant=reject)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{where}not valid JSON: {exc}") from None

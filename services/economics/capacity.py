@@ -13,21 +13,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 
-from services.economics import money
+from services.economics import money, usage
+from services.economics.money import TokenCounts
 from services.economics.prices import PriceTable
 from services.economics.report import Report, compute_report, occupancy
-from services.economics.schedule import Occupancy, Schedule
-from services.economics.tokens import TokenCounts
-from services.economics.usage import DayUsage, Deployment, NodeThroughput, TrafficBucket
-
-CURVE_FROM_TRAFFIC = "the usage file's hourly token counts"
-CURVE_FROM_NODES = "the usage file's node schedule (GPU-hours per hour)"
+from services.economics.spec import DataError
+from services.economics.usage import DayUsage, Occupancy, Schedule, TrafficBucket
 
 
 @dataclass(frozen=True)
 class CapacityAssumptions:
-    throughput: NodeThroughput
-    deployment: Deployment
+    throughput: usage.NodeThroughput
+    deployment: usage.Deployment
     gpus_per_node: int
     min_units: int = 1  # per phase, every hour: the service never scales to zero
     prefill_hit_cost: Decimal = Decimal(1)
@@ -72,30 +69,16 @@ class FluidNodes:
 
 
 @dataclass(frozen=True)
-class PlannedHour:
-    label: str
-    prefill_nodes: Decimal
-    decode_nodes: Decimal
-
-
-@dataclass(frozen=True)
 class CapacityPlan:
-    totals: Mapping[str, TokenCounts]
+    tokens: TokenCounts
     fluid: FluidNodes
-    observed_avg_nodes: Decimal
+    observed_avg_nodes: Decimal  # the usage schedule's
+    fluid_vs_observed: Decimal | None
     curve_source: str
     assumptions: CapacityAssumptions
     usage: DayUsage  # the planned day: hourly traffic on the planned schedule
     report: Report
-    planned_hours: tuple[PlannedHour, ...]
-
-    @property
-    def tokens(self) -> TokenCounts:
-        return TokenCounts.sum(self.totals.values())
-
-    @property
-    def fluid_vs_observed(self) -> Decimal | None:
-        return money.relative_difference(self.fluid.total, self.observed_avg_nodes)
+    planned_nodes: tuple[tuple[Decimal, Decimal], ...]  # hour by hour: (prefill, decode)
 
 
 def hit_fraction(tokens: TokenCounts) -> Decimal:
@@ -105,9 +88,9 @@ def hit_fraction(tokens: TokenCounts) -> Decimal:
 def fluid_nodes(tokens: TokenCounts, seconds: int, assumptions: CapacityAssumptions) -> FluidNodes:
     rate = assumptions.prefill_rate(hit_fraction(tokens))
     with money.exact():
-        decode_rate = assumptions.throughput.decode_output_tok_per_s
-        return FluidNodes(money.div(tokens.input_total, rate * seconds),
-                          money.div(tokens.output, decode_rate * seconds), rate)
+        prefill = money.div(tokens.input_total, rate * seconds)
+        decode = money.div(tokens.output, assumptions.throughput.decode_output_tok_per_s * seconds)
+        return FluidNodes(prefill, decode, rate)
 
 
 def with_cache_hit_rate(tokens: TokenCounts, rate: Decimal) -> TokenCounts:
@@ -127,25 +110,24 @@ def integer_weights(values: Sequence[Decimal]) -> list[int]:
     return [int(v.scaleb(places)) for v in values]
 
 
-def default_curve(usage: DayUsage, prices: PriceTable) -> tuple[list[int], str]:
-    """The usage's own hourly tokens when it has them, else the shape of its node schedule."""
-    if usage.traffic_timed:
-        return [h.tokens.total for h in compute_report(usage, prices).hours], CURVE_FROM_TRAFFIC
-    return [usage.schedule.gpu_seconds(*h) for h in usage.window.hour_slots()], CURVE_FROM_NODES
+def default_curve(day: DayUsage, prices: PriceTable) -> tuple[list[int], str]:
+    """The day's own hourly tokens when it has them, else the shape of its node schedule."""
+    if day.traffic_timed:
+        hours = compute_report(day, prices).hours
+        return [h.tokens.total for h in hours], "the usage file's hourly token counts"
+    return ([day.schedule.gpu_seconds(*h) for h in day.window.hour_slots()],
+            "the usage file's node schedule (GPU-hours per hour)")
 
 
 def hourly_traffic(totals: Mapping[str, TokenCounts], slots: Sequence[tuple[int, int]],
                    weights: Sequence[int]) -> list[TrafficBucket]:
     """Each model's day totals shared over the slots in proportion to the curve, whole tokens."""
     if len(slots) != len(weights):
-        raise ValueError(f"the curve has {len(weights)} weights for {len(slots)} hours")
+        raise DataError("weights", f"has {len(weights)} values, the window has {len(slots)} hours")
     if not any(weights):
-        raise ValueError("the traffic curve is all zeros")
-    buckets = []
-    for model, tokens in totals.items():
-        buckets += [TrafficBucket(a, b, model, share) for (a, b), share
-                    in zip(slots, tokens.split(weights), strict=True) if share.total]
-    return buckets
+        raise DataError("weights", "all zero")
+    return [TrafficBucket(a, b, model, share) for model, tokens in totals.items()
+            for (a, b), share in zip(slots, tokens.split(weights), strict=True) if share.total]
 
 
 def units_needed(nodes: Decimal, unit_nodes: int, min_units: int) -> int:
@@ -166,20 +148,17 @@ def plan_schedule(traffic: Sequence[TrafficBucket], slots: Sequence[tuple[int, i
     return Schedule(tuple(intervals), assumptions.gpus_per_node)
 
 
-def plan_capacity(usage: DayUsage, prices: PriceTable, assumptions: CapacityAssumptions, *,
+def plan_capacity(day: DayUsage, prices: PriceTable, assumptions: CapacityAssumptions, *,
                   totals: Mapping[str, TokenCounts], curve: Sequence[int], curve_source: str,
                   usd_per_gpu_hour: Decimal) -> CapacityPlan:
-    slots = usage.window.hour_slots()
+    slots, end = day.window.hour_slots(), day.window.seconds
     traffic = hourly_traffic(totals, slots, curve)
     schedule = plan_schedule(traffic, slots, assumptions)
-    planned = replace(usage, schedule=schedule, usd_per_gpu_hour=usd_per_gpu_hour,
+    planned = replace(day, schedule=schedule, usd_per_gpu_hour=usd_per_gpu_hour,
                       traffic=tuple(traffic), traffic_timed=True, published=None, notes=())
-    hours = tuple(PlannedHour(usage.window.clock(start),
-                              schedule.nodes(schedule.gpus_at(start, "prefill")),
-                              schedule.nodes(schedule.gpus_at(start, "decode")))
-                  for start, _ in slots)
-    return CapacityPlan(
-        totals=dict(totals), assumptions=assumptions, curve_source=curve_source,
-        fluid=fluid_nodes(TokenCounts.sum(totals.values()), usage.window.seconds, assumptions),
-        observed_avg_nodes=occupancy(usage, 0, usage.window.seconds).avg_nodes,
-        usage=planned, report=compute_report(planned, prices), planned_hours=hours)
+    hours = tuple(tuple(schedule.nodes(schedule.gpus_at(start, phase))
+                        for phase in ("prefill", "decode")) for start, _ in slots)
+    tokens, observed = TokenCounts.sum(totals.values()), occupancy(day, 0, end).avg_nodes
+    fluid = fluid_nodes(tokens, end, assumptions)
+    return CapacityPlan(tokens, fluid, observed, money.relative_difference(fluid.total, observed),
+                        curve_source, assumptions, planned, compute_report(planned, prices), hours)

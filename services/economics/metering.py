@@ -1,26 +1,22 @@
-"""Per-request usage records (what the router publishes) folded into a day of usage.
+"""Per-request usage records (what the router publishes to JetStream) folded into a day of usage.
 
-UsageRecord is the protobuf epserve.v1.UsageRecord as a dataclass with its fields, so records
-from JetStream (`from_proto`) and from JSONL files (RECORD: the same names) meet in one
-aggregation. Each record is priced by the tier in force at its start; buckets (hourly) are also
-cut at every tier switch, so none straddles a price change and they bill the per-record total.
+UsageRecord is the protobuf epserve.v1.UsageRecord as a dataclass with its fields. Each record is
+priced by the tier in force at its start; the hourly buckets (a usage file's `hourly_tokens`
+rows) are also cut at every tier switch, so that none straddles a price change.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 from services.economics import money
+from services.economics.money import TokenCounts
 from services.economics.prices import PriceTable
-from services.economics.schedule import Schedule
-from services.economics.spec import DataError, Obj, Opt, count, number, text
-from services.economics.tokens import TokenCounts
-from services.economics.usage import DayUsage, TrafficBucket
+from services.economics.usage import DayUsage, Schedule, TrafficBucket
 from services.economics.window import Window
 from services.protos_gen.epserve.v1 import control_pb2
 
@@ -78,39 +74,14 @@ class UsageRecord:
         return control_pb2.UsageRecord(**values)
 
 
-def _unix_seconds(value: Any, path: str) -> datetime:
-    return datetime.fromtimestamp(float(number()(value, path)), UTC)
-
-
-_LABEL, _COUNT = Opt(lambda value, _: str(value), ""), Opt(count(), 0)
-# A usage record on disk (one JSONL line): the protobuf's names, times in unix seconds.
-RECORD = Obj({
-    "request_id": _LABEL, "model": text, "started_at": _unix_seconds,
-    "finished_at": Opt(_unix_seconds),
-    "prompt_tokens": Opt(count()), "prompt_cache_hit_tokens": _COUNT,
-    "prompt_cache_miss_tokens": _COUNT, "completion_tokens": _COUNT, "finish_reason": _LABEL,
-    "prefill_instance": _LABEL, "decode_instance": _LABEL,
-    "time_to_first_token_s": Opt(lambda value, path: float(number()(value, path)), 0.0),
-    "usage_id": _LABEL, "migrations": _COUNT,
-})
-
-
-def read_record(doc: Any, path: str) -> UsageRecord:
-    values = RECORD(doc, path)
-    try:
-        return UsageRecord(**values)
-    except ValueError as exc:  # prompt_tokens that disagree with the split
-        raise DataError(path, str(exc)) from None
-
-
 @dataclass(frozen=True)
 class MeteredTraffic:
     buckets: tuple[TrafficBucket, ...]
     revenue_usd: Decimal  # the sum over records, each at the tier in force at its start
     theoretical_revenue_usd: Decimal  # every record at standard prices
-    revenue_by_tier: Mapping[str, Decimal] = field(default_factory=dict)
-    records: int = 0
-    outside_window: int = 0  # records that started outside the window (not billed here)
+    revenue_by_tier: Mapping[str, Decimal]
+    records: int
+    outside_window: int  # records that started outside the window (not billed here)
 
 
 def price_record(record: UsageRecord, prices: PriceTable) -> tuple[str, Decimal]:
@@ -119,20 +90,17 @@ def price_record(record: UsageRecord, prices: PriceTable) -> tuple[str, Decimal]
     return tier, model_prices.charge(record.tokens)
 
 
-def aggregate_records(records: Iterable[UsageRecord], window: Window, prices: PriceTable, *,
-                      bucket_seconds: int = 3600) -> MeteredTraffic:
-    if bucket_seconds <= 0:
-        raise ValueError("bucket_seconds must be positive")
-    edges = sorted(set(range(0, window.seconds, bucket_seconds))
-                   | set(prices.boundary_offsets(window)))
+def aggregate_records(records: Iterable[UsageRecord], window: Window, prices: PriceTable
+                      ) -> MeteredTraffic:
+    """Records bucketed per model by the hour (from the window start) and the tier switches."""
+    edges = sorted({*range(0, window.seconds, 3600), *prices.boundary_offsets(window)})
     sums: dict[tuple[int, str], TokenCounts] = {}
     by_tier: dict[str, Decimal] = {}
-    revenue = theoretical = Decimal(0)
-    count_all = outside = 0
+    revenue, theoretical, count_all, outside = Decimal(0), Decimal(0), 0, 0
     with money.exact():
         for record in records:
             count_all += 1
-            offset = window.offset_of(record.started_at)
+            offset = (record.started_at - window.start).total_seconds()
             if not 0 <= offset < window.seconds:
                 outside += 1
                 continue
@@ -150,10 +118,8 @@ def aggregate_records(records: Iterable[UsageRecord], window: Window, prices: Pr
 
 
 def day_usage_from_records(records: Iterable[UsageRecord], window: Window, schedule: Schedule,
-                           usd_per_gpu_hour: Decimal, prices: PriceTable, *,
-                           bucket_seconds: int = 3600) -> tuple[DayUsage, MeteredTraffic]:
+                           usd_per_gpu_hour: Decimal, prices: PriceTable
+                           ) -> tuple[DayUsage, MeteredTraffic]:
     """A DayUsage ready for `compute_report`, plus the per-record billing to check it against."""
-    metered = aggregate_records(records, window, prices, bucket_seconds=bucket_seconds)
-    usage = DayUsage(window, schedule, usd_per_gpu_hour, metered.buckets, traffic_timed=True,
-                     prices=prices)
-    return usage, metered
+    metered = aggregate_records(records, window, prices)
+    return DayUsage(window, schedule, usd_per_gpu_hour, metered.buckets, prices=prices), metered

@@ -1,4 +1,4 @@
-"""Exact decimal arithmetic, token apportioning, and the display rounding of money and counts.
+"""Exact quantities: decimal money, token counts and their apportioning; display rounding.
 
 Money is never a binary float: token x price products are exact, and the only inexact step, a
 division that does not terminate (seconds to hours, averages), is carried to PRECISION digits.
@@ -7,8 +7,9 @@ Values are rounded only for display.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import astuple, dataclass, fields
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Context, Decimal, localcontext
 
 PRECISION = 50
@@ -34,9 +35,11 @@ def charge(tokens: int, usd_per_million: Decimal) -> Decimal:
     return EXACT.multiply(Decimal(tokens), usd_per_million).scaleb(-6, EXACT)
 
 
-def margin(revenue: Decimal, cost: Decimal) -> Decimal | None:
-    """DeepSeek's cost-profit margin: revenue / cost - 1 (5.45 means 545 %); None if no cost."""
-    return None if cost == 0 else EXACT.subtract(div(revenue, cost), Decimal(1))
+def margin(revenue: Decimal | None, cost: Decimal) -> Decimal | None:
+    """DeepSeek's cost-profit margin: revenue / cost - 1 (5.45 is 545 %); None without both."""
+    if cost == 0 or revenue is None:
+        return None
+    return EXACT.subtract(div(revenue, cost), Decimal(1))
 
 
 def relative_difference(value: Decimal, reference: Decimal | None) -> Decimal | None:
@@ -56,6 +59,41 @@ def apportion(total: int, weights: Sequence[int]) -> list[int]:
     for i in by_remainder[:total - sum(parts)]:
         parts[i] += 1
     return parts
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """Token counts as billed: cache-hit input, cache-miss input and output."""
+
+    input_cache_hit: int = 0
+    input_cache_miss: int = 0
+    output: int = 0
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{field.name} must be an integer >= 0, got {value!r}")
+
+    @property
+    def input_total(self) -> int:
+        return self.input_cache_hit + self.input_cache_miss
+
+    @property
+    def total(self) -> int:
+        return self.input_total + self.output
+
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def split(self, weights: Sequence[int]) -> list[TokenCounts]:
+        """Each kind of token shared out by `weights`, in whole tokens that add up exactly."""
+        parts = [apportion(getattr(self, field.name), weights) for field in fields(self)]
+        return [TokenCounts(*counts) for counts in zip(*parts, strict=True)]
+
+    @staticmethod
+    def sum(counts: Iterable[TokenCounts]) -> TokenCounts:
+        return sum(counts, TokenCounts())
 
 
 # ---- display: the only place where values are rounded ----

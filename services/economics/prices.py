@@ -3,12 +3,11 @@
 A tier (DeepSeek's off-peak 16:30-00:30 UTC) replaces the standard prices of the models it lists
 while in force, `from` inclusive and `to` exclusive: a request that starts at 16:29:59 UTC pays
 standard prices, one at 16:30:00 off-peak. A request is priced by the tier in force at its start.
-The one schema is PRICE_TABLE; DeepSeek's published shape is rewritten into it.
+The one schema is PRICE_TABLE (DeepSeek's published shape is read only by the reproduction).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -16,19 +15,8 @@ from decimal import Decimal
 from typing import Any
 
 from services.economics import money
-from services.economics.spec import (
-    DataError,
-    Obj,
-    Opt,
-    join,
-    list_of,
-    map_of,
-    mapping,
-    number,
-    one_of,
-    text,
-)
-from services.economics.tokens import TokenCounts
+from services.economics.money import TokenCounts
+from services.economics.spec import DataError, Obj, Opt, join, list_of, map_of, number, one_of, text
 from services.economics.window import SECONDS_PER_DAY, Window, clock, second_of_day, zone
 
 PRICE_FIELDS = ("input_cache_hit", "input_cache_miss", "output")
@@ -81,20 +69,20 @@ class Tier:
             raise ValueError(f"tier name must be non-empty and not {STANDARD_TIER!r}")
         if self.start % SECONDS_PER_DAY == self.end % SECONDS_PER_DAY:
             raise ValueError("tier from and to must differ")
-        object.__setattr__(self, "start", self.start % SECONDS_PER_DAY)
+        object.__setattr__(self, "start", self.start % SECONDS_PER_DAY)  # "24:00" is 00:00
+        object.__setattr__(self, "end", self.end % SECONDS_PER_DAY)
 
     def in_force(self, instant: datetime) -> bool:
-        second, end = second_of_day(instant.astimezone(self.tz)), self.end % SECONDS_PER_DAY
-        if self.start < end:
-            return self.start <= second < end
-        return second >= self.start or second < end
+        second = second_of_day(instant.astimezone(self.tz))
+        if self.start < self.end:
+            return self.start <= second < self.end
+        return not self.end <= second < self.start  # across midnight
 
     def overlaps(self, other: Tier) -> bool:
         """Two spans of a day's circle overlap when one holds the other's start (any day)."""
-        def start_of(tier: Tier) -> datetime:
-            return datetime(2025, 1, 1, tzinfo=tier.tz) + timedelta(seconds=tier.start)
-
-        return self.in_force(start_of(other)) or other.in_force(start_of(self))
+        mine, theirs = (datetime(2025, 1, 1, tzinfo=t.tz) + timedelta(seconds=t.start)
+                        for t in (self, other))
+        return self.in_force(theirs) or other.in_force(mine)
 
     def boundary_offsets(self, window: Window) -> list[int]:
         return window.daily_offsets(self.start, self.tz) + window.daily_offsets(self.end, self.tz)
@@ -108,8 +96,6 @@ class PriceTable:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if not self.models:
-            raise ValueError("a price table needs at least one model")
         for tier in self.tiers:
             if unknown := sorted(set(tier.models) - set(self.models)):
                 raise ValueError(
@@ -149,12 +135,7 @@ class PriceTable:
 
 
 def parse_price_table(doc: Any, path: str = "", *, source: str = "") -> PriceTable:
-    """A price file, or a usage file's own table (the block under EMBEDDED_KEY)."""
-    if EMBEDDED_KEY in mapping(doc, path or "prices"):
-        path = join(path, EMBEDDED_KEY)
-        doc, source = mapping(doc[EMBEDDED_KEY], path), source or path
-    if "models" not in doc:
-        return _from_deepseek(doc, path, source)
+    """A price file, or a usage file's own table (the block under EMBEDDED_KEY, at `path`)."""
     table = PRICE_TABLE(doc, path)
     models = {name: ModelPrices(**prices) for name, prices in table["models"].items()}
     tiers = []
@@ -168,26 +149,3 @@ def parse_price_table(doc: Any, path: str = "", *, source: str = "") -> PriceTab
         return PriceTable(models, tuple(tiers), table["version"], source or table["source"])
     except ValueError as exc:
         raise DataError(join(path, "tiers"), str(exc)) from None
-
-
-def _from_deepseek(block: Mapping[str, Any], path: str, source: str) -> PriceTable:
-    """DeepSeek's shape (deepseek_day6.json), {MODEL: prices, off_peak_<zone>: {from, to, MODEL:
-    prices}}, rewritten into PRICE_TABLE; errors name the field where it is in the block."""
-    keys = [str(k) for k in block if str(k).startswith("off_peak")]
-
-    def tier(key: str, value: Any) -> Any:  # off_peak_utc: a tier named off_peak, in UTC
-        if not isinstance(value, Mapping):
-            return value  # for the schema to say what is wrong with it
-        zone_name = key[len("off_peak"):].lstrip("_") or "utc"
-        return {"name": "off_peak", "timezone": zone_name.upper(), "from": value.get("from"),
-                "to": value.get("to"),
-                "models": {m: p for m, p in value.items() if m not in ("from", "to")}}
-
-    doc = {"version": "embedded", "tiers": [tier(k, block[k]) for k in keys],
-           "models": {k: v for k, v in block.items() if k not in keys}}
-    try:
-        return parse_price_table(doc, source=source)
-    except DataError as exc:
-        where = re.sub(r"^models\.?", "", exc.path)
-        where = re.sub(r"^tiers\[(\d+)\](\.models)?", lambda m: keys[int(m[1])], where)
-        raise DataError(join(path, where) if where else path or EMBEDDED_KEY, exc.problem) from None

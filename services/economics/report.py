@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from services.economics import money
+from services.economics.money import TokenCounts
 from services.economics.prices import PriceTable
-from services.economics.tokens import TokenCounts
 from services.economics.usage import DayUsage, Published, TrafficBucket
 from services.economics.window import Window
 
@@ -27,10 +27,9 @@ SPREADS = (SPREAD_BY_NODES, SPREAD_UNIFORM)
 
 @dataclass(frozen=True)
 class Piece:
-    """Tokens of one model in [start, end), priced with the tier in force at `start`."""
+    """Tokens of one model from `start` on, priced with the tier in force at `start`."""
 
     start: int
-    end: int
     model: str
     tier: str
     tokens: TokenCounts
@@ -49,41 +48,13 @@ class Occupied:
 
 
 @dataclass(frozen=True)
-class HourRow:
-    start: int
-    end: int
-    label: str  # local clock time of the start, in the window's zone
+class Billed:
+    """What a span (the day, or an hour of it) cost and earned."""
+
     occupied: Occupied
     tokens: TokenCounts
-    revenue_usd: Decimal
-    theoretical_revenue_usd: Decimal
-
-    @property
-    def margin(self) -> Decimal | None:
-        return money.margin(self.revenue_usd, self.occupied.cost_usd)
-
-
-@dataclass(frozen=True)
-class Report:
-    window: Window
-    gpus_per_node: int
-    usd_per_gpu_hour: Decimal
-    occupied: Occupied
-    gpu_hours: Decimal
-    phases: Mapping[str, Occupied]  # empty unless the schedule names phases
-    tokens: TokenCounts
-    revenue_usd: Decimal
-    theoretical_revenue_usd: Decimal
-    revenue_by_model: Mapping[str, Decimal]
-    revenue_by_tier: Mapping[str, Decimal]
-    tokens_by_tier: Mapping[str, TokenCounts]
-    hours: tuple[HourRow, ...]
-    traffic_timed: bool
-    prices_version: str
-    prices_source: str
-    published: Published | None
-    notes: tuple[str, ...]
-    spread: str  # how untimed or straddling traffic was shared out
+    revenue_usd: Decimal  # as billed: time-of-day tiers applied
+    theoretical_revenue_usd: Decimal  # every token at standard prices
 
     @property
     def cost_usd(self) -> Decimal:
@@ -98,26 +69,48 @@ class Report:
         return money.margin(self.theoretical_revenue_usd, self.cost_usd)
 
 
+@dataclass(frozen=True)
+class HourRow(Billed):
+    start: int
+    end: int
+    label: str  # local clock time of the start, in the window's zone
+
+
+@dataclass(frozen=True)
+class Report(Billed):
+    window: Window
+    usd_per_gpu_hour: Decimal
+    gpus_per_node: int
+    gpu_hours: Decimal
+    phases: Mapping[str, Occupied]  # empty unless the schedule names phases
+    revenue_by_model: Mapping[str, Decimal]
+    revenue_by_tier: Mapping[str, Decimal]
+    tokens_by_tier: Mapping[str, TokenCounts]
+    hours: tuple[HourRow, ...]
+    traffic_timed: bool
+    prices: PriceTable
+    published: Published | None
+    notes: tuple[str, ...]
+    spread: str  # how untimed or straddling traffic was shared out
+
+
 def compute_report(usage: DayUsage, prices: PriceTable, *, spread: str = SPREAD_BY_NODES) -> Report:
     with money.exact():
         pieces, notes = price_traffic(usage, prices, spread)
         end, by_tier = usage.window.seconds, _group(pieces, "tier")
-        tokens, revenue, theoretical = _sums(pieces)
-        hours = tuple(HourRow(a, b, usage.window.clock(a), occupancy(usage, a, b),
-                              *_sums([p for p in pieces if a <= p.start < b]))
-                      for a, b in usage.window.hour_slots())
+        hours = tuple(
+            HourRow(occupancy(usage, a, b), *_sums([p for p in pieces if a <= p.start < b]),
+                    start=a, end=b, label=usage.window.clock(a))
+            for a, b in usage.window.hour_slots())
         return Report(
-            window=usage.window, gpus_per_node=usage.schedule.gpus_per_node,
-            usd_per_gpu_hour=usage.usd_per_gpu_hour, occupied=occupancy(usage, 0, end),
-            gpu_hours=money.hours(usage.schedule.gpu_seconds(0, end)),
+            occupancy(usage, 0, end), *_sums(pieces), usage.window, usage.usd_per_gpu_hour,
+            usage.schedule.gpus_per_node, money.hours(usage.schedule.gpu_seconds(0, end)),
             phases={p: occupancy(usage, 0, end, p) for p in usage.schedule.phases if p},
-            tokens=tokens, revenue_usd=revenue, theoretical_revenue_usd=theoretical,
             revenue_by_model={k: sums[1] for k, sums in _group(pieces, "model").items()},
             revenue_by_tier={k: sums[1] for k, sums in by_tier.items()},
             tokens_by_tier={k: sums[0] for k, sums in by_tier.items()},
-            hours=hours, traffic_timed=usage.traffic_timed, prices_version=prices.version,
-            prices_source=prices.source, published=usage.published,
-            notes=usage.notes + tuple(notes), spread=spread)
+            hours=hours, traffic_timed=usage.traffic_timed, prices=prices,
+            published=usage.published, notes=usage.notes + tuple(notes), spread=spread)
 
 
 def occupancy(usage: DayUsage, start: int, end: int, phase: str | None = None) -> Occupied:
@@ -139,9 +132,9 @@ def price_traffic(usage: DayUsage, prices: PriceTable, spread: str = SPREAD_BY_N
     for bucket in usage.traffic:
         straddling += any(bucket.start < t < bucket.end for t in tier_edges)
         standard = prices.standard(bucket.model)
-        for start, end, tokens in _split(bucket, edges, usage, spread):
+        for start, tokens in _split(bucket, edges, usage, spread):
             tier, tier_prices = prices.price(bucket.model, usage.window.at(start))
-            pieces.append(Piece(start, end, bucket.model, tier, tokens, tier_prices.charge(tokens),
+            pieces.append(Piece(start, bucket.model, tier, tokens, tier_prices.charge(tokens),
                                 standard.charge(tokens)))
     how = ("in proportion to the node schedule (GPU-hours in each piece)"
            if spread == SPREAD_BY_NODES else "uniformly in time")
@@ -163,16 +156,15 @@ def cut_points(usage: DayUsage, prices: PriceTable) -> list[int]:
 
 
 def _split(bucket: TrafficBucket, edges: list[int], usage: DayUsage, spread: str
-           ) -> list[tuple[int, int, TokenCounts]]:
+           ) -> list[tuple[int, TokenCounts]]:
+    """The bucket's tokens shared over the pieces it spans: (start of the piece, tokens)."""
     inner = edges[bisect_right(edges, bucket.start):bisect_left(edges, bucket.end)]
     spans = list(zip([bucket.start, *inner], [*inner, bucket.end], strict=True))
-    if len(spans) == 1:
-        return [(bucket.start, bucket.end, bucket.tokens)]
     weights = [end - start for start, end in spans]
     busy = [usage.schedule.gpu_seconds(start, end) for start, end in spans]
     if spread == SPREAD_BY_NODES and any(busy):  # nothing ran at all: fall back to time
         weights = busy
-    return [(a, b, t) for (a, b), t in zip(spans, bucket.tokens.split(weights), strict=True)]
+    return [(a, t) for (a, _), t in zip(spans, bucket.tokens.split(weights), strict=True)]
 
 
 def _sums(pieces: list[Piece]) -> tuple[TokenCounts, Decimal, Decimal]:

@@ -1,9 +1,8 @@
 """The one validator every input file goes through: a schema is a tree of field readers.
 
 A reader is `(value, path) -> typed value` and raises DataError naming `path`, the field's place
-in the document (`node_schedule[3].to`). `Obj` reads a mapping by a dict of readers, `Opt` marks
-a field optional. Checks across fields belong to the builder of the domain object, which raises
-DataError with the path too.
+in the document (`node_schedule[3].to`). Checks across fields belong to the builder of the
+domain object, which raises DataError with the path too.
 """
 
 from __future__ import annotations
@@ -28,10 +27,8 @@ def join(path: str, key: str | int) -> str:
 
 def kind(value: Any) -> str:
     """A value as messages name it: null, an object, a list, boolean True, string 'x', int 5."""
-    if value is None:
-        return "null"
-    if isinstance(value, Mapping | list | tuple):
-        return "an object" if isinstance(value, Mapping) else "a list"
+    if value is None or isinstance(value, Mapping | list | tuple):
+        return "null" if value is None else "an object" if isinstance(value, Mapping) else "a list"
     name = "boolean" if isinstance(value, bool) else "string" if isinstance(value, str) else None
     return f"{name or type(value).__name__} {value!r}"
 
@@ -46,8 +43,8 @@ class Opt:
 
 @dataclass(frozen=True)
 class Obj:
-    """A mapping read field by field into a dict of every declared field; other keys are
-    ignored, or rejected with the `unknown` message."""
+    """A mapping read into a dict of every declared field (a reader, or an Opt); other keys
+    are ignored, or rejected with the `unknown` message."""
 
     fields: Mapping[str, Reader | Opt]
     unknown: str | None = None

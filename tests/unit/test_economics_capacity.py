@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+from services.cli.economics import data_path
 from services.economics import money
 from services.economics.capacity import (
     CapacityAssumptions,
@@ -19,9 +20,9 @@ from services.economics.capacity import (
     units_needed,
     with_cache_hit_rate,
 )
-from services.economics.files import data_path
-from services.economics.tokens import TokenCounts
-from services.economics.usage import Deployment, NodeThroughput, parse_usage
+from services.economics.money import TokenCounts
+from services.economics.reproduce import reference_usage
+from services.economics.usage import Deployment, NodeThroughput
 
 DEEPSEEK = CapacityAssumptions(
     throughput=NodeThroughput(Decimal(73_700), Decimal(14_800)),
@@ -33,7 +34,8 @@ DAY_TOKENS = TokenCounts(342 * 10**9, 266 * 10**9, 168 * 10**9)
 
 @pytest.fixture(scope="module")
 def day6():
-    return parse_usage(json.loads(data_path("deepseek_day6.json").read_text(), parse_float=Decimal))
+    return reference_usage(json.loads(data_path("deepseek_day6.json").read_text(),
+                                      parse_float=Decimal))
 
 
 def test_deepseek_throughputs_give_the_observed_node_count():
@@ -111,11 +113,10 @@ def test_plan_on_deepseek_day(day6):
     assert report.theoretical_revenue_usd == Decimal("562100")
     # Cost is exactly node-hours x 8 GPUs x $2.50.
     assert report.cost_usd == report.occupied.node_hours * 8 * Decimal("2.50")
-    first = plan.planned_hours[0]
     # Peak hour: 608e9 x 278/5442 / (73,700 x 3,600) = 117.07 -> 120; decode 161.08 -> 162.
-    assert (first.prefill_nodes, first.decode_nodes) == (120, 162)
-    for hour in plan.planned_hours:
-        assert hour.prefill_nodes % 4 == 0 and hour.decode_nodes % 18 == 0
+    assert plan.planned_nodes[0] == (120, 162)
+    for prefill_nodes, decode_nodes in plan.planned_nodes:
+        assert prefill_nodes % 4 == 0 and decode_nodes % 18 == 0
     assert len(day6.window.hour_slots()) == 24
     assert plan.observed_avg_nodes == Decimal("226.75")
     assert abs(plan.fluid_vs_observed) < Decimal("0.001")

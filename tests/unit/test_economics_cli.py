@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from services.cli import main
-from services.economics.files import data_path
+from services.cli.economics import data_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,13 +37,13 @@ def small_usage(**extra) -> dict:
         "hourly_tokens": [
             {
                 "from": f"{h:02d}:00",
-                "input_total": 10**9,
+                "model": "deepseek-v3",
                 "input_cache_hit": 4 * 10**8,
+                "input_cache_miss": 6 * 10**8,
                 "output_total": 10**8,
             }
             for h in range(24)
         ],
-        "billed_as": "deepseek-v3",
     }
     doc.update(extra)
     return doc
@@ -82,19 +82,39 @@ def test_reproduce_json_fields(capsys):
     }
 
 
-def test_report_on_the_reference_file_writes_charts(capsys, tmp_path):
-    code, out, _ = run(
-        capsys,
-        "report",
-        "--usage",
-        str(data_path("deepseek_day6.json")),
-        "--chart-dir",
-        str(tmp_path),
-    )
+def reference_day_as_usage() -> dict:
+    """DeepSeek's published day written in the usage file's shape: its UTC+8 schedule as
+    intervals, its day totals as one row over the whole day, billed as R1."""
+    day = json.loads(data_path("deepseek_day6.json").read_text())
+    tokens = day["tokens"]
+    return {
+        "window": day["window"],
+        "hardware": day["hardware"],
+        "node_schedule": day["node_schedule_utc8"],
+        "hourly_tokens": [
+            {
+                "from": "12:00",
+                "to": "12:00",
+                "model": "deepseek-r1",
+                "input_cache_hit": int(tokens["input_cache_hit"]),
+                "input_cache_miss": int(tokens["input_total"] - tokens["input_cache_hit"]),
+                "output_total": int(tokens["output_total"]),
+            }
+        ],
+    }
+
+
+def test_report_on_the_reference_day_writes_charts(capsys, tmp_path):
+    usage = write_usage(tmp_path, reference_day_as_usage())
+    code, out, _ = run(capsys, "report", "--usage", str(usage), "--chart-dir", str(tmp_path))
     assert code == 0
     assert "$87,072" in out and "$562,100" in out and "226.75" in out
     for name in ("economics_income_cost.png", "economics_nodes.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+    # The published file itself keeps DeepSeek's shapes, which only `reproduce` reads.
+    code, out, err = run(capsys, "report", "--usage", str(data_path("deepseek_day6.json")))
+    assert code == 2 and out == ""
+    assert "deepseek_day6.json: node_schedule_utc8: is not read from usage files" in err
 
 
 def test_report_json_matches_independent_arithmetic(capsys, tmp_path):
@@ -122,7 +142,8 @@ def test_report_json_matches_independent_arithmetic(capsys, tmp_path):
 def test_prices_and_gpu_price_overrides(capsys, tmp_path):
     prices = tmp_path / "prices.yaml"
     prices.write_text(
-        "version: test\nmodels:\n  deepseek-v3: {input_cache_hit: 0, input_cache_miss: 0, output: 1}\n"
+        "version: test\nmodels:\n"
+        "  deepseek-v3: {input_cache_hit: 0, input_cache_miss: 0, output: 1}\n"
     )
     usage = write_usage(tmp_path, small_usage())
     code, out, _ = run(
@@ -157,7 +178,7 @@ def test_capacity_for_deepseek_figures(capsys):
 
 def test_capacity_what_ifs(capsys, tmp_path):
     curve = tmp_path / "curve.json"
-    curve.write_text(json.dumps({"weights": [1] * 24}))
+    curve.write_text(json.dumps([1] * 24))
     code, out, _ = run(
         capsys,
         "capacity",
@@ -184,7 +205,7 @@ def test_capacity_what_ifs(capsys, tmp_path):
     [
         (lambda d: d["hourly_tokens"][3].update(output_total=-1), "hourly_tokens[3].output_total"),
         (lambda d: d["node_schedule"][1].update(to="25:00"), "node_schedule[1].to"),
-        (lambda d: d.update(billed_as="deepseek-r9"), "billed_as"),
+        (lambda d: d["hourly_tokens"][0].update(model="deepseek-r9"), "hourly_tokens[0].model"),
         (lambda d: d["hardware"].update(usd_per_gpu_hour="cheap"), "hardware.usd_per_gpu_hour"),
     ],
 )
@@ -222,3 +243,7 @@ def test_wrong_curve_length_exits_2(capsys, tmp_path):
     curve.write_text("[1, 2, 3]\n")
     code, _, err = run(capsys, "capacity", "--hourly-curve", str(curve))
     assert code == 2 and "weights" in err and "24 hours" in err
+    # One form: a list; {weights: [...]} is refused naming the file.
+    curve.write_text("weights: [1, 2, 3]\n")
+    code, _, err = run(capsys, "capacity", "--hourly-curve", str(curve))
+    assert code == 2 and f"hourly curve {curve}: weights: must be a list, got an object" in err

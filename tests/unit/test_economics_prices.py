@@ -7,11 +7,12 @@ from decimal import Decimal
 
 import pytest
 
+from services.cli.economics import data_path, load_document, load_prices
 from services.economics import money
-from services.economics.files import data_path, load_document, load_prices
+from services.economics.money import TokenCounts
 from services.economics.prices import STANDARD_TIER, ModelPrices, UnknownModel, parse_price_table
+from services.economics.reproduce import reference_usage
 from services.economics.spec import DataError
-from services.economics.tokens import TokenCounts
 
 UTC8 = timezone(timedelta(hours=8))
 
@@ -34,7 +35,8 @@ def test_default_table_is_versioned_and_exact(table):
 
 
 def test_default_table_matches_the_reference_file(table):
-    embedded = parse_price_table(load_document(data_path("deepseek_day6.json"), "usage"))
+    # DeepSeek published its prices in its own shape; the reproduction's adapter reads them.
+    embedded = reference_usage(load_document(data_path("deepseek_day6.json"), "usage")).prices
     assert dict(embedded.models) == dict(table.models)
     assert dict(embedded.tiers[0].models) == dict(table.tiers[0].models)
     assert (embedded.tiers[0].start, embedded.tiers[0].end) == (16 * 3600 + 1800, 1800)

@@ -9,12 +9,11 @@ from fractions import Fraction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.cli.economics import load_prices
 from services.economics import money
-from services.economics.files import load_prices
+from services.economics.money import TokenCounts
 from services.economics.report import compute_report
-from services.economics.schedule import Occupancy, Schedule
-from services.economics.tokens import TokenCounts
-from services.economics.usage import DayUsage, TrafficBucket
+from services.economics.usage import DayUsage, Occupancy, Schedule, TrafficBucket
 from services.economics.window import Window
 
 PRICES = load_prices(None)

@@ -1,16 +1,16 @@
-"""UsageRecord is the protobuf's record: same fields, proto round trips, JSONL with the same names."""
+"""UsageRecord is the protobuf's record: same fields, proto round trips, folded into usage rows."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from services.cli.economics import load_prices, load_usage
 from services.common.errors import CliError
-from services.economics.files import load_prices, load_records
 from services.economics.metering import UsageRecord, aggregate_records
+from services.economics.usage import parse_usage
 from services.economics.window import Window
 from services.protos_gen.epserve.v1 import control_pb2
 
@@ -63,28 +63,31 @@ def test_inconsistent_or_naive_records_are_refused():
         UsageRecord(model="", started_at=datetime(2025, 3, 1, tzinfo=UTC))
 
 
-def test_jsonl_records_use_the_protobuf_field_names(tmp_path):
+def test_records_fold_into_the_usage_files_hourly_rows():
+    # Records from JetStream fold into hourly buckets, and a usage file carries exactly those
+    # buckets as its hourly_tokens rows (the one traffic form): they read back unchanged.
     msg = message()
-    line = {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
-    later = {"model": "deepseek-v3", "started_at": msg.started_at + 3600,
-             "prompt_cache_miss_tokens": 10, "completion_tokens": 5}
-    path = tmp_path / "usage.jsonl"
-    path.write_text(json.dumps(line) + "\n\n" + json.dumps(later) + "\n")
-    records = load_records(path)
-    assert records[0] == UsageRecord.from_proto(msg)
+    later = UsageRecord(model="deepseek-v3", started_at=datetime.fromtimestamp(
+        msg.started_at + 3600, UTC), prompt_cache_miss_tokens=10, completion_tokens=5)
+    records = [UsageRecord.from_proto(msg), later]
     assert records[1].started_at == records[0].started_at + timedelta(hours=1)
-    # Records from a file and from JetStream fold into the same aggregation.
-    prices = load_prices(None)
-    from_file = aggregate_records(records, WINDOW, prices)
-    from_proto = aggregate_records([UsageRecord.from_proto(msg), records[1]], WINDOW, prices)
-    assert from_file == from_proto and from_file.records == 2
+    metered = aggregate_records(records, WINDOW, load_prices(None))
+    assert metered.records == 2
+    rows = [{"from": WINDOW.at(b.start).isoformat(), "to": WINDOW.at(b.end).isoformat(),
+             "model": b.model, "input_cache_hit": b.tokens.input_cache_hit,
+             "input_cache_miss": b.tokens.input_cache_miss, "output_total": b.tokens.output}
+            for b in metered.buckets]
+    usage = parse_usage({
+        "window": {"timezone": "UTC", "from": "2025-03-01T12:00", "to": "2025-03-02T12:00"},
+        "hardware": {"gpus_per_node": 8, "usd_per_gpu_hour": 2},
+        "node_schedule": [{"from": "12:00", "to": "12:00", "nodes": 1}], "hourly_tokens": rows})
+    assert usage.traffic == metered.buckets
 
 
-def test_jsonl_errors_name_the_line_and_field(tmp_path):
+def test_jsonl_record_files_are_refused_naming_the_file(tmp_path):
+    # Per-request JSONL records are not an input form: a usage file carries them folded.
     path = tmp_path / "usage.jsonl"
-    path.write_text('{"model": "m", "started_at": 1}\n\n{"model": "m", "started_at": "soon"}\n')
-    with pytest.raises(CliError, match=r"line 3\.started_at: must be a number"):
-        load_records(path)
-    path.write_text('{"model": "m", "started_at": 1}\n{oops\n')
-    with pytest.raises(CliError, match="line 2: not valid JSON"):
-        load_records(path)
+    path.write_text('{"model": "m", "started_at": 1}\n')
+    with pytest.raises(CliError, match=r"usage file .*usage\.jsonl: JSONL usage records are not "
+                                       "read; a usage file carries them folded into hourly_tokens"):
+        load_usage(path)

@@ -9,14 +9,13 @@ from fractions import Fraction
 
 import pytest
 
+from services.cli.economics import data_path, load_prices
 from services.economics import money
-from services.economics.files import data_path, load_prices
 from services.economics.metering import UsageRecord, aggregate_records, day_usage_from_records
+from services.economics.money import TokenCounts
 from services.economics.report import compute_report
-from services.economics.reproduce import reproduce
-from services.economics.schedule import Occupancy, Schedule
-from services.economics.tokens import TokenCounts
-from services.economics.usage import parse_usage
+from services.economics.reproduce import reference_usage, reproduce
+from services.economics.usage import Occupancy, Schedule, parse_usage
 from services.economics.window import Window
 
 DAY = 86_400
@@ -29,7 +28,8 @@ def prices():
 
 @pytest.fixture(scope="module")
 def day6():
-    return parse_usage(json.loads(data_path("deepseek_day6.json").read_text(), parse_float=Decimal))
+    return reference_usage(json.loads(data_path("deepseek_day6.json").read_text(),
+                                      parse_float=Decimal))
 
 
 def hand_usage(**extra) -> dict:

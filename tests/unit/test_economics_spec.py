@@ -7,9 +7,10 @@ from decimal import Decimal
 import pytest
 
 from services.economics import spec
-from services.economics.metering import RECORD
 from services.economics.prices import PRICE_TABLE
+from services.economics.reproduce import REFERENCE
 from services.economics.spec import DataError, Obj, Opt, count, list_of, map_of, number, one_of
+from services.economics.usage import ROW as USAGE_ROW
 from services.economics.usage import USAGE
 
 ROW = Obj({"name": spec.text, "size": count(1), "kind": Opt(one_of("a", "b"), "a")})
@@ -39,7 +40,8 @@ def test_reads_every_declared_field_with_defaults():
         ({"rows": []}, "rows", "must list at least one row"),
         ({"rows": "x"}, "rows", "must be a list, got string 'x'"),
         ({"rows": [{"size": 1}]}, "rows[0].name", "is required"),
-        ({"rows": [{"name": 5, "size": 1}]}, "rows[0].name", "must be a non-empty string, got int 5"),
+        ({"rows": [{"name": 5, "size": 1}]}, "rows[0].name",
+         "must be a non-empty string, got int 5"),
         ({"rows": [{"name": "x", "size": 0}]}, "rows[0].size", "must be an integer >= 1, got 0"),
         ({"rows": [{"name": "x", "size": 1, "kind": "c"}]}, "rows[0].kind",
          "must be one of a, b, got 'c'"),
@@ -74,12 +76,14 @@ def test_numbers_are_exact_decimals():
 
 def test_counts_are_whole():
     assert count()(Decimal("608000000000.0"), "") == 608_000_000_000
-    assert error(count(), Decimal("1.5"), "n").problem == "must be a whole number, got Decimal('1.5')"
+    whole = "must be a whole number, got Decimal('1.5')"
+    assert error(count(), Decimal("1.5"), "n").problem == whole
     assert error(count(), -1, "n").problem == "must be an integer >= 0, got -1"
 
 
 def test_every_input_file_is_read_by_a_schema():
-    # One mechanism: the price table, the usage file and the usage record are all Obj schemas.
-    assert all(isinstance(schema, Obj) for schema in (PRICE_TABLE, USAGE, RECORD))
+    # One mechanism: the price table, the usage file and DeepSeek's published day are all Obj
+    # schemas (the day is then rewritten into USAGE).
+    assert all(isinstance(schema, Obj) for schema in (PRICE_TABLE, USAGE, REFERENCE))
     assert error(PRICE_TABLE, {"models": {"m": {"output": 1}}}).path == "models.m.input_cache_hit"
-    assert error(RECORD, {"model": "m"}, "line 3").path == "line 3.started_at"
+    assert error(USAGE_ROW, {"model": "m"}, "hourly_tokens[3]").path == "hourly_tokens[3].from"

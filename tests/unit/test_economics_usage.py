@@ -1,4 +1,5 @@
-"""Usage files: the deepseek_day6.json schema, its extensions, and rejections naming the field."""
+"""Usage files (one shape: occupancy intervals, hourly token rows), DeepSeek's published day read
+by the reproduction's adapter, and rejections naming the field."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from decimal import Decimal
 
 import pytest
 
-from services.economics.files import data_path
-from services.economics.schedule import Occupancy, Sample, Schedule
+from services.cli.economics import data_path
+from services.economics.money import TokenCounts
+from services.economics.reproduce import reference_usage
 from services.economics.spec import DataError
-from services.economics.tokens import TokenCounts
-from services.economics.usage import parse_usage
+from services.economics.usage import Occupancy, Schedule, parse_usage
 from services.economics.window import Window
 
 UTC8 = timezone(timedelta(hours=8))
@@ -29,15 +30,23 @@ def minimal(**overrides) -> dict:
         "window": {"timezone": "UTC", "from": "2025-03-01T00:00", "to": "2025-03-02T00:00"},
         "hardware": {"gpus_per_node": 8, "usd_per_gpu_hour": "2"},
         "node_schedule": [{"from": "00:00", "to": "00:00", "nodes": 1}],
-        "tokens": {"input_total": 100, "input_cache_hit": 40, "output_total": 10},
-        "billed_as": "deepseek-v3",
+        "hourly_tokens": [
+            {
+                "from": "00:00",
+                "to": "00:00",
+                "model": "deepseek-v3",
+                "input_cache_hit": 40,
+                "input_cache_miss": 60,
+                "output_total": 10,
+            }
+        ],
     }
     doc.update(overrides)
     return doc
 
 
-def test_reference_file_is_a_usage_file(day6):
-    usage = parse_usage(day6)
+def test_reference_file_reads_as_a_day_of_usage(day6):
+    usage = reference_usage(day6)
     assert usage.window.seconds == 86_400
     assert usage.window.start == datetime(2025, 2, 27, 4, 0, tzinfo=UTC)
     assert usage.schedule.gpu_seconds(0, 86_400) == 5442 * 8 * 3600
@@ -53,7 +62,7 @@ def test_reference_file_is_a_usage_file(day6):
 
 
 def test_clock_times_map_into_a_window_that_crosses_midnight(day6):
-    usage = parse_usage(day6)
+    usage = reference_usage(day6)
     intervals = usage.schedule.intervals
     # 12:00 -> 00:00 is the first 12 h; 08:30 -> 12:00 is the last 3.5 h.
     assert (intervals[0].start, intervals[0].end) == (0, 12 * 3600)
@@ -63,23 +72,34 @@ def test_clock_times_map_into_a_window_that_crosses_midnight(day6):
 def test_node_schedule_utc8_is_read_in_utc8_whatever_the_window_zone(day6):
     doc = copy.deepcopy(day6)
     doc["window"] = {"timezone": "UTC", "from": "2025-02-27T04:00", "to": "2025-02-28T04:00"}
-    usage = parse_usage(doc)
-    assert usage.schedule.intervals == parse_usage(day6).schedule.intervals
+    usage = reference_usage(doc)
+    assert usage.schedule.intervals == reference_usage(day6).schedule.intervals
 
 
-def test_samples_hold_until_the_next_sample():
-    doc = minimal(node_samples=[{"at": "00:10", "nodes": 2}, {"at": "06:00", "gpus": 4}])
+def test_the_reference_shapes_are_refused_in_a_usage_file(day6):
+    # DeepSeek's day is read by the reproduction's adapter only; a usage file gives intervals.
+    with pytest.raises(DataError) as err:
+        parse_usage(day6)
+    assert err.value.path == "node_schedule_utc8"
+    assert "give node_schedule" in str(err.value)
+
+
+def test_samples_are_refused_naming_the_field():
+    # Sample-and-hold occupancy is no longer an input form: intervals are.
+    doc = minimal(node_samples=[{"at": "00:10", "nodes": 2}, {"at": "06:00", "nodes": 1}])
     del doc["node_schedule"]
-    schedule = parse_usage(doc).schedule
-    # The first sample also covers 00:00-00:10; 4 GPUs from 06:00 to the end.
-    assert schedule.gpu_seconds(0, 86_400) == 16 * 6 * 3600 + 4 * 18 * 3600
+    with pytest.raises(DataError) as err:
+        parse_usage(doc)
+    assert err.value.path == "node_samples"
+    assert str(err.value).startswith("node_samples: is not read from usage files; give "
+                                     "node_schedule")
 
 
 def test_phased_schedule_and_gpu_counts():
     doc = minimal(
         node_schedule=[
             {"from": "00:00", "to": "12:00", "nodes": 4, "phase": "prefill"},
-            {"from": "00:00", "to": "00:00", "gpus": 144, "phase": "decode"},
+            {"from": "00:00", "to": "00:00", "nodes": 18, "phase": "decode"},
         ]
     )
     schedule = parse_usage(doc).schedule
@@ -89,21 +109,26 @@ def test_phased_schedule_and_gpu_counts():
     assert schedule.peak_gpus(0, 86_400) == 176
 
 
-def test_hourly_rows_default_to_one_hour_and_billed_as():
+def test_hourly_rows_default_to_one_hour():
     doc = minimal(
         hourly_tokens=[
-            {"from": "03:00", "input_cache_hit": 1, "input_cache_miss": 2, "output_total": 3},
+            {
+                "from": "03:00",
+                "model": "deepseek-v3",
+                "input_cache_hit": 1,
+                "input_cache_miss": 2,
+                "output_total": 3,
+            },
             {
                 "from": "04:00",
                 "to": "06:00",
                 "model": "deepseek-r1",
-                "input_total": 5,
                 "input_cache_hit": 5,
+                "input_cache_miss": 0,
                 "output_total": 0,
             },
         ]
     )
-    del doc["tokens"]
     usage = parse_usage(doc)
     assert usage.traffic_timed
     first, second = usage.traffic
@@ -117,6 +142,7 @@ def test_iso_datetimes_are_accepted_and_windows_may_differ_from_a_day():
         window={"timezone": "UTC-05:00", "from": "2025-03-01T00:00", "to": "2025-03-03T00:00"},
         node_schedule=[{"from": "2025-03-01T00:00", "to": "2025-03-03T00:00", "nodes": 1}],
     )
+    doc["hourly_tokens"][0] |= {"from": "2025-03-01T00:00", "to": "2025-03-03T00:00"}
     usage = parse_usage(doc)
     assert usage.window.seconds == 2 * 86_400
     assert usage.window.start == datetime(2025, 3, 1, 5, 0, tzinfo=UTC)
@@ -136,17 +162,37 @@ def _broken(mutate) -> dict:
         (lambda d: d["window"].update(to="2025-02-28T00:00"), "window.to"),
         (lambda d: d["hardware"].pop("usd_per_gpu_hour"), "hardware.usd_per_gpu_hour"),
         (lambda d: d["hardware"].update(gpus_per_node=0), "hardware.gpus_per_node"),
-        (lambda d: d["tokens"].pop("output_total"), "tokens.output_total"),
-        (lambda d: d["tokens"].update(output_total=-5), "tokens.output_total"),
-        (lambda d: d["tokens"].update(output_total=Decimal("1.5")), "tokens.output_total"),
-        (lambda d: d["tokens"].update(output_total="many"), "tokens.output_total"),
-        (lambda d: d["tokens"].update(output_total=True), "tokens.output_total"),
-        (lambda d: d["tokens"].update(input_cache_hit=101), "tokens.input_cache_hit"),
-        (lambda d: d["tokens"].pop("input_total"), "tokens.input_total"),
-        (lambda d: d["tokens"].update(input_cache_miss=7), "tokens.input_cache_miss"),
-        (lambda d: d.pop("tokens"), "tokens"),
-        (lambda d: d.pop("billed_as"), "published_results.billed_as"),
-        (lambda d: d.update(published_results={"billed_as": "x"}), "billed_as"),
+        (lambda d: d["hourly_tokens"][0].pop("output_total"), "hourly_tokens[0].output_total"),
+        (lambda d: d["hourly_tokens"][0].update(output_total=-5), "hourly_tokens[0].output_total"),
+        (
+            lambda d: d["hourly_tokens"][0].update(output_total=Decimal("1.5")),
+            "hourly_tokens[0].output_total",
+        ),
+        (
+            lambda d: d["hourly_tokens"][0].update(output_total="many"),
+            "hourly_tokens[0].output_total",
+        ),
+        (
+            lambda d: d["hourly_tokens"][0].update(output_total=True),
+            "hourly_tokens[0].output_total",
+        ),
+        # The day-totals forms (input_total beside the cache hits, `tokens`, `billed_as`,
+        # `tokens_by_model`) are refused naming the field.
+        (
+            lambda d: d["hourly_tokens"][0].update(input_total=100),
+            "hourly_tokens[0].input_total",
+        ),
+        (
+            lambda d: d["hourly_tokens"][0].pop("input_cache_miss"),
+            "hourly_tokens[0].input_cache_miss",
+        ),
+        (
+            lambda d: d["hourly_tokens"][0].update(input_cache_miss=-7),
+            "hourly_tokens[0].input_cache_miss",
+        ),
+        (lambda d: d.pop("hourly_tokens"), "hourly_tokens"),
+        (lambda d: d["hourly_tokens"][0].pop("model"), "hourly_tokens[0].model"),
+        (lambda d: d.update(billed_as="deepseek-v3"), "billed_as"),
         (lambda d: d.pop("node_schedule"), "node_schedule"),
         (lambda d: d.update(node_schedule=[]), "node_schedule"),
         (lambda d: d.update(node_schedule="all day"), "node_schedule"),
@@ -184,19 +230,24 @@ def _broken(mutate) -> dict:
                 d.update(node_samples=[{"at": "05:00", "nodes": 1}, {"at": "04:00", "nodes": 1}])
                 or d.pop("node_schedule")
             ),
-            "node_samples[1].at",
+            "node_samples",
+        ),
+        (
+            lambda d: d.update(
+                tokens={"input_total": 100, "input_cache_hit": 40, "output_total": 9}
+            ),
+            "tokens",
         ),
         (
             lambda d: d.update(
                 hourly_tokens=[
-                    {"from": "23:00", "input_total": 100, "input_cache_hit": 40, "output_total": 9}
+                    {
+                        "model": "deepseek-v3",
+                        "input_cache_hit": 0,
+                        "input_cache_miss": 1,
+                        "output_total": 0,
+                    }
                 ]
-            ),
-            "tokens.output_total",
-        ),
-        (
-            lambda d: d.update(
-                hourly_tokens=[{"input_total": 1, "input_cache_hit": 0, "output_total": 0}]
             ),
             "hourly_tokens[0].from",
         ),
@@ -206,8 +257,9 @@ def _broken(mutate) -> dict:
                     {
                         "from": "11:00",
                         "to": "10:00",
-                        "input_total": 1,
+                        "model": "deepseek-v3",
                         "input_cache_hit": 0,
+                        "input_cache_miss": 1,
                         "output_total": 0,
                     }
                 ]
@@ -220,7 +272,7 @@ def _broken(mutate) -> dict:
                     "deepseek-r1": {"input_total": 100, "input_cache_hit": 41, "output_total": 10}
                 }
             ),
-            "tokens.input_cache_hit",
+            "tokens_by_model",
         ),
     ],
 )
@@ -231,11 +283,17 @@ def test_malformed_usage_is_rejected_naming_the_field(mutate, path):
     assert str(err.value).startswith(path + ":")
 
 
-def test_inconsistent_hit_fraction_is_a_note_not_an_error():
+def test_hit_fraction_is_not_a_usage_field_and_the_reference_bills_its_counts(day6):
+    # A usage file's rows carry counts only; the hit fraction DeepSeek published beside its
+    # rounded counts (0.563) is informational: the counts are billed, whatever it says.
     doc = minimal()
-    doc["tokens"]["input_cache_hit_fraction"] = "0.9"
-    usage = parse_usage(doc)
-    assert any("input_cache_hit_fraction" in note for note in usage.notes)
+    doc["hourly_tokens"][0]["input_cache_hit_fraction"] = "0.9"
+    with pytest.raises(DataError) as err:
+        parse_usage(doc)
+    assert err.value.path == "hourly_tokens[0].input_cache_hit_fraction"
+    reference = copy.deepcopy(day6)
+    reference["tokens"]["input_cache_hit_fraction"] = Decimal("0.9")
+    assert reference_usage(reference).tokens == TokenCounts(342 * 10**9, 266 * 10**9, 168 * 10**9)
 
 
 def test_schedule_integrates_with_prefix_sums():
@@ -255,8 +313,9 @@ def test_schedule_rejects_overlaps_and_mixed_phases():
         Schedule((Occupancy(0, 10, 1), Occupancy(5, 20, 1)), 8)
     with pytest.raises(ValueError, match="phase"):
         Schedule((Occupancy(0, 10, 1, "decode"), Occupancy(10, 20, 1)), 8)
-    samples = [Sample(0, 8, "prefill"), Sample(10, 16, "prefill"), Sample(0, 8, "decode")]
-    schedule = Schedule.from_samples(samples, 20, 8)
+    phased = (Occupancy(0, 10, 8, "prefill"), Occupancy(10, 20, 16, "prefill"),
+              Occupancy(0, 20, 8, "decode"))
+    schedule = Schedule(phased, 8)
     assert schedule.gpu_seconds(0, 20, "prefill") == 80 + 160
     assert schedule.gpu_seconds(0, 20, "decode") == 160
 
