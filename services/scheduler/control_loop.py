@@ -83,18 +83,24 @@ class Scheduler:
         if new is None:
             log.info("rebalance_unchanged", reason=why)
             return
-        try:
-            self.topology = await self.store.put_topology(topology_from(new, []),
-                                                          self.topology.revision)
-        except RevisionConflict:
-            self.topology = await self.store.get_topology()
+        if not await self._roll_out(topology_from(new, [])):
             return
-        self.rolling_out = new.version
-        self.metrics.set_topology(self.topology.message)
-        self.metrics.rebalances.inc()
         log.info("rebalance_planned", reason=why, version=new.version,
                  balancedness_before=round(placement_balancedness(table, loads), 4),
                  balancedness_planned=round(placement_balancedness(new, loads), 4))
+
+    async def _roll_out(self, topo: control_pb2.Topology) -> bool:
+        """Write a new placement version without endpoints (the workers load it, then the
+        endpoints follow); False when another writer won the compare-and-set."""
+        try:
+            self.topology = await self.store.put_topology(topo, self.topology.revision)
+        except RevisionConflict:
+            self.topology = await self.store.get_topology()
+            return False
+        self.rolling_out = topo.version
+        self.metrics.set_topology(self.topology.message)
+        self.metrics.rebalances.inc()
+        return True
 
     def _control_plane_outage(self, now: float) -> bool:
         """No heartbeat at all (not even this scheduler's own) for dead_after_s: NATS is away,
@@ -183,14 +189,8 @@ class Scheduler:
             return
         proposed = topology_from(new, [])
         proposed.lost_ranks.extend(sorted(all_lost))
-        try:
-            self.topology = await self.store.put_topology(proposed, self.topology.revision)
-        except RevisionConflict:
-            self.topology = await self.store.get_topology()
+        if not await self._roll_out(proposed):
             return
-        self.rolling_out = new.version
-        self.metrics.set_topology(self.topology.message)
-        self.metrics.rebalances.inc()
         log.warning("placed_around_lost_workers", lost=sorted(all_lost), version=new.version)
 
     async def sweep_forever(self) -> None:

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import time
 
+import nats
 import torch
 
 from services.client import InferenceClient, RemoteCompletion
+from services.common import subjects
+from services.common.control import kv_get
 from services.common.metrics_http import scrape_metrics
 from services.engine.compare import assert_same_greedy
 from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
 from services.local.cluster import ClusterSpec, LocalCluster
 from services.model.loader import load_model
+from services.protos_gen.epserve.v1 import control_pb2
 
 
 def start(spec: ClusterSpec) -> LocalCluster:
@@ -78,3 +82,13 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+async def read_topology(nats_url: str) -> control_pb2.Topology:
+    """The scheduler's topology as it is in JetStream KV now."""
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value(subjects.TOPOLOGY_BUCKET)
+        return await kv_get(kv, subjects.TOPOLOGY_KEY, control_pb2.Topology)
+    finally:
+        await nc.close()

@@ -7,24 +7,16 @@ from __future__ import annotations
 import asyncio
 import time
 
-import nats
-
-from services.common import subjects
-from services.common.control import kv_get
 from services.local.cluster import ClusterSpec
 from services.model.config import ModelConfig
-from services.protos_gen.epserve.v1 import control_pb2
-from tests.integration.cluster_helpers import check_invariant, reference, run_remote, start
+from tests.integration.cluster_helpers import (
+    check_invariant,
+    read_topology,
+    reference,
+    run_remote,
+    start,
+)
 from tests.integration.cluster_helpers import workload as make_workload
-
-
-async def _topology(url: str) -> control_pb2.Topology:
-    nc = await nats.connect(url)
-    try:
-        kv = await nc.jetstream().key_value(subjects.TOPOLOGY_BUCKET)
-        return await kv_get(kv, subjects.TOPOLOGY_KEY, control_pb2.Topology)
-    finally:
-        await nc.close()
 
 
 def test_experts_of_a_lost_worker_are_placed_on_the_others(tiny_model_dir):
@@ -37,12 +29,12 @@ def test_experts_of_a_lost_worker_are_placed_on_the_others(tiny_model_dir):
                        redundant_experts=8, extra={"scheduler": ("--lost-worker-grace-s", "2")})
     cluster = start(spec)
     try:
-        before = asyncio.run(_topology(cluster.nats_url))
+        before = asyncio.run(read_topology(cluster.nats_url))
         cluster.process("expert-worker-1").kill()
         t0 = time.monotonic()
         got = asyncio.run(run_remote(cluster.router_endpoint, reqs, "-lost"))
         check_invariant(reqs, expected, got)
-        after = asyncio.run(_topology(cluster.nats_url))
+        after = asyncio.run(read_topology(cluster.nats_url))
         assert after.version == before.version + 1 and list(after.lost_ranks) == [1]
         print(f"served around the lost worker after {time.monotonic() - t0:.1f}s")
     finally:

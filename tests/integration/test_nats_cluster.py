@@ -14,16 +14,9 @@ from nats.js.api import StorageType
 
 from services.common import control, subjects
 from services.local.nats_cluster import NatsCluster
+from tests.pids import pid_alive
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def until(what, deadline_s: float, interval_s: float = 0.05):

@@ -12,16 +12,9 @@ import pytest
 
 from services.local.nats_server import NatsServer, find_nats_server_binary
 from services.local.procs import ServiceProcess
+from tests.pids import pid_alive
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def connect(url: str, **kw) -> nats.NATS:

@@ -14,7 +14,13 @@ from services.engine.reference import GenerationRequest
 from services.engine.sampling import SamplingParams
 from services.local.cluster import ClusterSpec
 from services.protos_gen.epserve.v1 import control_pb2
-from tests.integration.cluster_helpers import check_invariant, reference, run_remote, start
+from tests.integration.cluster_helpers import (
+    check_invariant,
+    read_topology,
+    reference,
+    run_remote,
+    start,
+)
 
 REBALANCE = ClusterSpec(
     model="", prefill=1, decode=1, expert_workers=2, redundant_experts=2,
@@ -29,15 +35,6 @@ def skewed(n: int, max_tokens: int, tag: str) -> list[GenerationRequest]:
     prompt = [7, 7, 7, 9, 9, 9, 7, 9] * 3
     return [GenerationRequest(f"{tag}-{i}", prompt[: 10 + i], SamplingParams(
         max_tokens=max_tokens + 20 * i, ignore_eos=True)) for i in range(n)]
-
-
-async def _topology(nats_url: str) -> control_pb2.Topology:
-    nc = await nats.connect(nats_url)
-    try:
-        kv = await nc.jetstream().key_value(subjects.TOPOLOGY_BUCKET)
-        return await kv_get(kv, subjects.TOPOLOGY_KEY, control_pb2.Topology)
-    finally:
-        await nc.close()
 
 
 async def _member(nats_url: str, instance_id: str) -> control_pb2.Member:
@@ -61,7 +58,7 @@ def test_skewed_load_triggers_a_rebalance_mid_generation(tiny_model_dir):
             run = asyncio.create_task(run_remote(cluster.router_endpoint, first))
             versions = []
             while not run.done():
-                topo = await _topology(cluster.nats_url)
+                topo = await read_topology(cluster.nats_url)
                 versions.append((topo.version, bool(all(topo.worker_endpoints))))
                 await asyncio.sleep(0.1)
             return await run, versions
@@ -76,7 +73,7 @@ def test_skewed_load_triggers_a_rebalance_mid_generation(tiny_model_dir):
         second = skewed(3, 20, "after")
         got2 = asyncio.run(run_remote(cluster.router_endpoint, second))
         check_invariant(second, reference(tiny_model_dir, second), got2)
-        topo = asyncio.run(_topology(cluster.nats_url))
+        topo = asyncio.run(read_topology(cluster.nats_url))
         assert topo.version >= 2 and all(topo.worker_endpoints)
         decode = asyncio.run(_member(cluster.nats_url, "decode-0"))
         assert decode.last.placement_version >= 2  # it switched (a later plan may be rolling)

@@ -4,7 +4,6 @@ usage stream exactly once when it is back, from this process or the next one."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 
@@ -13,16 +12,9 @@ from services.local.nats_server import NatsServer
 from services.protos_gen.epserve.v1 import control_pb2
 from services.router import metrics
 from services.router.usage import USAGE_SPOOL_DROPPED, USAGE_SPOOLED, UsagePublisher
+from tests.pids import pid_alive
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def record(i: int, **kw) -> control_pb2.UsageRecord:
@@ -53,6 +45,14 @@ async def stored(js) -> list[control_pb2.UsageRecord]:
 
 def errors_total() -> float:
     return metrics.USAGE_PUBLISH_ERRORS._value.get()
+
+
+async def _close(publisher, nc, server) -> None:
+    if publisher is not None:
+        await publisher.close(timeout_s=0.5)
+    if nc is not None:
+        await nc.close()
+    server.stop()
 
 
 async def test_spools_while_nats_is_down_and_publishes_once_after(tmp_path):
@@ -88,11 +88,7 @@ async def test_spools_while_nats_is_down_and_publishes_once_after(tmp_path):
         assert USAGE_SPOOLED._value.get() == 0
         assert await publisher.flush(timeout_s=2.0) == 0
     finally:
-        if publisher is not None:
-            await publisher.close(timeout_s=0.5)
-        if nc is not None:
-            await nc.close()
-        server.stop()
+        await _close(publisher, nc, server)
 
 
 async def test_records_spooled_by_a_previous_router_are_published_by_the_next(tmp_path):
@@ -151,11 +147,7 @@ async def test_full_spool_drops_the_oldest_and_counts_it(tmp_path):
         # client's reconnect buffer (a publish that timed out, or a probe), never twice
         assert {"usage-2", "usage-3", "usage-4"} <= set(ids) and len(ids) == len(set(ids))
     finally:
-        if publisher is not None:
-            await publisher.close(timeout_s=0.5)
-        if nc is not None:
-            await nc.close()
-        server.stop()
+        await _close(publisher, nc, server)
 
 
 async def test_msg_id_falls_back_to_the_request_id(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from services.local.ports import free_port
 from services.local.procs import ProcessGroup, ServiceProcess, ServiceStartError
+from tests.pids import pid_alive
 
 SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
 IGNORES_TERM = [
@@ -46,14 +46,6 @@ HEALTH_SERVER = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_stop_sends_sigterm_and_reaps(tmp_path):
