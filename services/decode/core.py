@@ -203,7 +203,9 @@ class DecodeCore:
 
     # ---- state for heartbeats, metrics and drain ---------------------------------------------
     def load(self) -> InstanceLoad:
-        return InstanceLoad(running_requests=len(self.slots),
+        # A sequence cancelled mid-step still holds its reservation until the step is over, so
+        # it counts as running until then: the two figures always describe the same requests.
+        return InstanceLoad(running_requests=len(self.slots) + len(self._deferred_free),
                             kv_blocks_in_use=self.budget.reserved_blocks,
                             kv_blocks_total=self.budget.total_blocks,
                             kv_block_size=self.budget.block_size,
