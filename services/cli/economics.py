@@ -1,11 +1,10 @@
-"""`epserve economics report|reproduce|capacity`: cost, revenue and margin of a day of serving.
+"""`epserve economics report|reproduce|capacity|live`: cost, revenue and margin of serving.
 
-The I/O of services/economics lives here: the argument parser and the handlers, reading the
-input files (JSON or YAML, numbers as exact decimals; every problem is one CliError naming the
-file and the field: `usage file day.json: hourly_tokens[3].output_total: must be an integer >= 0,
-got -5`) and printing. The package is the pure core they call: its parse functions build the
-domain objects from the documents read here and views.py renders the results as text and JSON;
-the PNG charts are drawn here (matplotlib, imported only when charts are drawn).
+The argument parser and the handlers, and printing: the input files are read by
+services/economics/files.py (every problem one CliError naming the file and the field), the
+package is the pure core they call and views.py renders the results as text and JSON; the PNG
+charts are drawn here (matplotlib, imported only when charts are drawn). `live` reads the
+running cluster's ledger (services/cli/economics_live.py).
 
 Prices: `--prices FILE` wins, else the usage file's own `pricing_usd_per_million_tokens` table,
 else the versioned default (services/economics/data/prices.yaml).
@@ -15,30 +14,35 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal, InvalidOperation
-from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
 
-import yaml
-
+from services.cli import economics_live
 from services.common.errors import CliError
 from services.economics import capacity, money, views
+from services.economics.files import (  # noqa: F401 - re-exported for the CLI's users
+    REFERENCE_DAY,
+    data_path,
+    load_curve,
+    load_document,
+    load_prices,
+    load_reference,
+    load_usage,
+)
 from services.economics.money import TokenCounts
-from services.economics.prices import PriceTable, parse_price_table
+from services.economics.prices import PriceTable
 from services.economics.report import SPREAD_BY_NODES, SPREADS, Report, compute_report
-from services.economics.reproduce import reference_usage, reproduce
-from services.economics.spec import DataError, list_of, number
-from services.economics.usage import DayUsage, Deployment, NodeThroughput, Schedule, parse_usage
+from services.economics.reproduce import reproduce
+from services.economics.spec import DataError
+from services.economics.usage import DayUsage, Deployment, NodeThroughput, Schedule
 
 GPU_PRICE = "override hardware.usd_per_gpu_hour"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("economics", help="cost, revenue and margin of a day of "
-                                   "serving (report|reproduce|capacity)")
+                                   "serving (report|reproduce|capacity|live)")
     sub = parser.add_subparsers(dest="economics_command", required=True)
 
     report = sub.add_parser("report",
@@ -79,6 +83,7 @@ def register(subparsers) -> None:
     ):
         cap.add_argument(flag, type=kind, default=default, help=text)
     cap.set_defaults(func=run_capacity)
+    economics_live.register(sub, _common)
 
 
 def _common(parser: argparse.ArgumentParser, *, chart_default: Path | None) -> None:
@@ -303,91 +308,3 @@ def _decimal_arg(text: str) -> Decimal:
     if not value.is_finite() or value < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
     return value
-
-
-# ---- reading input files ----
-
-DEFAULT_PRICES, REFERENCE_DAY = "prices.yaml", "deepseek_day6.json"
-T = TypeVar("T")
-
-
-class _DecimalLoader(yaml.SafeLoader):
-    """SafeLoader that reads floats as exact Decimals (0.14 -> Decimal("0.14"))."""
-
-
-def _yaml_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
-    raw = str(loader.construct_scalar(node)).replace("_", "")
-    try:
-        value = Decimal(raw)
-    except InvalidOperation:
-        value = Decimal("NaN")
-    if not value.is_finite():
-        raise yaml.constructor.ConstructorError(None, None, f"not a finite number: {raw!r}",
-                                                node.start_mark)
-    return value
-
-
-_DecimalLoader.add_constructor("tag:yaml.org,2002:float", _yaml_decimal)
-
-
-def data_path(name: str) -> Path:
-    """A file shipped in services/economics/data."""
-    return Path(str(resources.files("services.economics.data").joinpath(name)))
-
-
-def load_document(path: Path, what: str) -> Any:
-    """A JSON or YAML document, numbers read as exact decimals."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CliError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
-    if path.suffix.lower() == ".jsonl":  # per-request records: metering.aggregate_records
-        raise CliError(f"{what} {path}: JSONL usage records are not read; a usage file carries "
-                       "them folded into hourly_tokens rows")
-    if path.suffix.lower() == ".json":
-        return _json(text, f"{what} {path}: ")
-    try:
-        return yaml.load(text, Loader=_DecimalLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        problem = " ".join(str(exc).split())
-        raise CliError(f"{what} {path}: not valid YAML or JSON: {problem}") from None
-
-
-def load(path: Path, what: str, parse: Callable[[Any], T]) -> T:
-    """The document in `path`, validated and built by `parse`."""
-    doc = load_document(path, what)
-    try:
-        return parse(doc)
-    except DataError as exc:
-        raise CliError(f"{what} {path}: {exc}") from None
-
-
-def load_usage(path: Path) -> DayUsage:
-    return load(path, "usage file", parse_usage)
-
-
-def load_reference(path: Path | None) -> DayUsage:
-    """DeepSeek's published day (reproduce.reference_usage), by default the shipped copy."""
-    return load(path or data_path(REFERENCE_DAY), "usage file", reference_usage)
-
-
-def load_prices(path: Path | None) -> PriceTable:
-    """The price table in `path`, or the versioned default shipped with epserve."""
-    path = path or data_path(DEFAULT_PRICES)
-    return load(path, "price file", lambda doc: parse_price_table(doc, source=str(path)))
-
-
-def load_curve(path: Path) -> list[Decimal]:
-    """Hourly traffic weights: a list of numbers >= 0, one per hour from the window start."""
-    weights = list_of(number(), "must be a non-empty list of numbers")
-    return load(path, "hourly curve", lambda doc: weights(doc, "weights"))
-
-
-def _json(text: str, where: str) -> Any:
-    def reject(constant: str) -> Any:
-        raise CliError(f"{where}{constant} is not a valid number")
-
-    try:
-        return json.loads(text, parse_float=Decimal, parse_constant=reject)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"{where}not valid JSON: {exc}") from None

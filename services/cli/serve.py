@@ -21,6 +21,7 @@ SERVICES = {
     "decode": ("services.decode.__main__", "services.decode.config", "DecodeConfig"),
     "scheduler": ("services.scheduler.__main__", "services.scheduler.config", "SchedulerConfig"),
     "router": ("services.router.__main__", "services.router.config", "RouterConfig"),
+    "ledger": ("services.ledger.__main__", "services.ledger.config", "LedgerConfig"),
 }
 
 

@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"starting: NATS, scheduler, {spec.expert_workers} expert workers, {spec.prefill} "
+    print(f"starting: NATS, scheduler, ledger, {spec.expert_workers} expert workers, {spec.prefill} "
           f"prefill, {spec.decode} decode, {spec.routers} router(s) ...", flush=True)
     cluster = start_cluster(spec, args.log_dir, args.start_timeout)
     try:
@@ -125,6 +125,9 @@ def _run(args: argparse.Namespace) -> int:
                   flush=True)
         print(f"  try: epserve generate --endpoint {cluster.router_endpoint} "
               f"--prompt 'Hello' --max-tokens 16", flush=True)
+        if spec.ledger:
+            print(f"  cost, revenue and margin so far: epserve economics live --nats-url "
+                  f"{cluster.nats_url}", flush=True)
         if cluster.supervisor is not None:
             cluster.supervisor.on_restart = lambda name, code, n: print(
                 f"restarted {name} (exit code {code}; restart {n})", flush=True)

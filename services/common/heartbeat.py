@@ -19,12 +19,14 @@ class HeartbeatPublisher:
     def __init__(self, nc, role: str, instance_id: str, endpoint: str, interval_s: float = 0.5,
                  load: Callable[[], control_pb2.InstanceLoad] | None = None, rank: int = 0,
                  placement_version: Callable[[], int] | None = None,
-                 metrics_endpoint: str = "") -> None:
+                 metrics_endpoint: str = "", started_at: float | None = None) -> None:
         self.nc, self.role, self.instance_id = nc, role, instance_id
         self.endpoint, self.interval_s, self.rank = endpoint, interval_s, rank
         self.load = load
         self.placement_version = placement_version
         self.metrics_endpoint = metrics_endpoint
+        # When this process began to hold its device: the ledger prices occupancy from it.
+        self.started_at = time.time() if started_at is None else started_at
         self.state = control_pb2.STATE_STARTING
         self._task: asyncio.Task | None = None
 
@@ -32,7 +34,7 @@ class HeartbeatPublisher:
         hb = control_pb2.Heartbeat(
             instance_id=self.instance_id, role=Role(self.role).proto, endpoint=self.endpoint,
             state=self.state, rank=self.rank, sent_at=time.time(),
-            metrics_endpoint=self.metrics_endpoint)
+            metrics_endpoint=self.metrics_endpoint, started_at=self.started_at)
         if self.placement_version is not None:
             hb.placement_version = self.placement_version()
         if self.load is not None:

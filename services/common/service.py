@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class Service:
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
         self.instance_id = cfg.instance_id or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+        self.started_at = time.time()  # heartbeats carry it: occupancy counts from here
         self.nc = None
         self.server: grpc.aio.Server | None = None
         self.health: ServiceHealth | None = None
@@ -149,6 +151,7 @@ class Service:
             self.heartbeat = HeartbeatPublisher(
                 self.nc, self.role, self.instance_id, interval_s=cfg.heartbeat_interval_s,
                 metrics_endpoint=cfg.advertised(self.metrics_port) if self.metrics_port else "",
+                started_at=self.started_at,
                 **fields)
             self.heartbeat.start()
         await self.until_ready()

@@ -18,6 +18,7 @@ class Role(StrEnum):
     PREFILL = "prefill"
     DECODE = "decode"
     EXPERT_WORKER = "expert-worker"
+    LEDGER = "ledger"  # live metering: folds usage records and device occupancy
 
     @property
     def proto(self) -> int:
@@ -47,7 +48,8 @@ class InstanceState(StrEnum):
 
 _ROLE_TO_PROTO = {Role.ROUTER: control_pb2.ROLE_ROUTER, Role.SCHEDULER: control_pb2.ROLE_SCHEDULER,
                   Role.PREFILL: control_pb2.ROLE_PREFILL, Role.DECODE: control_pb2.ROLE_DECODE,
-                  Role.EXPERT_WORKER: control_pb2.ROLE_EXPERT_WORKER}
+                  Role.EXPERT_WORKER: control_pb2.ROLE_EXPERT_WORKER,
+                  Role.LEDGER: control_pb2.ROLE_LEDGER}
 _ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
 _STATE_TO_PROTO = {InstanceState.STARTING: control_pb2.STATE_STARTING,
                    InstanceState.SERVING: control_pb2.STATE_SERVING,

@@ -27,3 +27,7 @@ PLAN_KEY = "current"
 # JetStream streams (durable, de-duplicated by Nats-Msg-Id).
 USAGE_STREAM = "EPSERVE_USAGE"
 USAGE_SUBJECT = f"{PREFIX}.usage"
+
+# The ledger's running totals (services/ledger): token buckets, device uptime, its cursor.
+LEDGER_BUCKET = "epserve_ledger"
+LEDGER_CONSUMER = "epserve-ledger"  # the durable consumer of USAGE_STREAM

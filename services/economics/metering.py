@@ -41,6 +41,7 @@ class UsageRecord:
     time_to_first_token_s: float = 0.0
     usage_id: str = ""  # server-assigned, the JetStream message id (request_id is the client's)
     migrations: int = 0  # times the request moved to another decode instance
+    tenant: str = ""  # who is billed ("" until API keys name tenants)
 
     def __post_init__(self) -> None:
         if any(t is not None and t.tzinfo is None for t in (self.started_at, self.finished_at)):

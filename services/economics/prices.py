@@ -129,6 +129,16 @@ class PriceTable:
     def boundary_offsets(self, window: Window) -> list[int]:
         return sorted({t for tier in self.tiers for t in tier.boundary_offsets(window)})
 
+    def with_alias(self, model: str, as_model: str) -> PriceTable:
+        """`model` billed exactly as `as_model`, in every tier (a served checkpoint's name
+        priced as the public model it stands for)."""
+        if model in self.models:
+            return self
+        standard = self.standard(as_model)
+        tiers = tuple(replace(tier, models={**tier.models, model: tier.models[as_model]})
+                      if as_model in tier.models else tier for tier in self.tiers)
+        return replace(self, models={**self.models, model: standard}, tiers=tiers)
+
     def without_tiers(self) -> PriceTable:
         """Every token at standard prices (DeepSeek's 'theoretical' revenue)."""
         return replace(self, tiers=())

