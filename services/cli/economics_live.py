@@ -1,10 +1,9 @@
 """`epserve economics live`: DeepSeek's cost / revenue / margin table for the running cluster.
 
-Reads the ledger's entries from JetStream KV (services/ledger), turns them into a day
-(economics/live.py) and computes it with the offline report's code (`compute_report`, the same
-text, `--json` fields and charts as `economics report`). Prices: `--prices FILE`, else the table
-the ledger bills with (kept in its KV bucket), with its `--price-as` fallback for served models
-the table does not list; cost: `--usd-per-gpu-hour`, else the ledger's `--usd-per-device-hour`.
+The ledger's entries (services/ledger/report.py) computed with the offline report's code: the
+same text, `--json` fields (plus `ledger`: how far it has folded the usage stream) and charts
+as `economics report`. Prices: `--prices FILE`, else the table the ledger bills with;
+cost: `--usd-per-gpu-hour`, else the ledger's `--usd-per-device-hour`.
 """
 
 from __future__ import annotations
@@ -14,20 +13,12 @@ import asyncio
 import os
 import re
 import time
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-from services.common import subjects
-from services.common.control import connect
 from services.common.errors import CliError
 from services.economics import views
-from services.economics.files import load_prices, prices_from_text
-from services.economics.live import live_usage, live_window
-from services.economics.prices import PriceTable
-from services.economics.report import compute_report
 from services.economics.window import zone
-from services.ledger.store import LedgerEntries, read_ledger
+from services.ledger.report import live_report, read_live
 
 _SPAN = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -56,76 +47,21 @@ def register(sub, common) -> None:
 def run_live(args: argparse.Namespace) -> int:
     from services.cli.economics import _charts, _print  # (that module registers this one)
 
-    entries, stream_last = asyncio.run(_read(args.nats_url, args.timeout_s))
-    meta = entries.meta
-    prices = _prices(args.prices, meta)
-    window = live_window(entries.buckets, entries.uptimes, now=time.time(), since=args.since,
-                         until=args.until, tz=args.timezone)
-    if window is None:
+    ledger = asyncio.run(read_live(args.nats_url, args.timeout_s))
+    built = live_report(ledger.entries, now=time.time(), prices_path=args.prices,
+                        since=args.since, until=args.until, tz=args.timezone, tenant=args.tenant,
+                        usd_per_gpu_hour=args.usd_per_gpu_hour, gpus_per_node=args.gpus_per_node,
+                        spread=args.spread)
+    if built is None:
         raise CliError(f"the ledger at {args.nats_url} holds no usage or occupancy in that span "
                        "yet (is a ledger running? `epserve up` starts one)")
-    gpus_per_node = args.gpus_per_node or int(meta.get("gpus_per_node", 8))
-    if gpus_per_node < 1:
-        raise CliError("--gpus-per-node must be >= 1")
-    usage = live_usage(entries.buckets, entries.uptimes, window, tenant=args.tenant,
-                       usd_per_gpu_hour=args.usd_per_gpu_hour if args.usd_per_gpu_hour is not None
-                       else _decimal(str(meta.get("usd_per_device_hour", "2"))),
-                       gpus_per_node=gpus_per_node)
-    for model in usage.models:
-        if model not in prices.models:
-            fallback = meta.get("price_as", "")
-            if not fallback or fallback not in prices.models:
-                where = prices.source or "the price table"
-                raise CliError(f"no price for model {model!r} in {where} "
-                               f"(it prices {', '.join(sorted(prices.models))})")
-            prices = prices.with_alias(model, fallback)
-            usage = replace(usage, notes=(*usage.notes, f"{model} is billed at {fallback} "
-                                                        "prices"))
-    report = compute_report(usage, prices, spread=args.spread)
+    report, usage = built
     charts = _charts(args, report, usage, "live", "Live cluster")
-    folded = sum(b.records for b in entries.buckets)
-    ledger = {"cursor": entries.cursor, "usage_stream_last_seq": stream_last,
-              "records_billed": folded, "records_not_yet_folded": max(stream_last
-                                                                       - entries.cursor, 0)}
-    return _print(args, {**views.report_json(report, charts), "ledger": ledger},
+    s = ledger.summary()
+    return _print(args, {**views.report_json(report, charts), "ledger": s},
                   lambda: views.render_report(report, hours=True, charts=charts)
-                  + f"\nledger: {folded} request(s) billed, stream sequence {entries.cursor} of "
-                    f"{stream_last} folded")
-
-
-async def _read(url: str, timeout_s: float) -> tuple[LedgerEntries, int]:
-    try:
-        nc = await asyncio.wait_for(connect(url, "economics-live", timeout=timeout_s),
-                                    timeout_s + 1)
-    except Exception as exc:
-        raise CliError(f"cannot reach NATS at {url}: {type(exc).__name__}: {exc}") from None
-    try:
-        js = nc.jetstream()
-        try:
-            entries = await asyncio.wait_for(read_ledger(js, timeout_s), timeout_s * 3)
-        except Exception as exc:
-            raise CliError(f"no ledger at {url} ({type(exc).__name__}: {exc}); "
-                           "`epserve up` starts one, or `epserve serve ledger`") from None
-        try:
-            info = await asyncio.wait_for(js.stream_info(subjects.USAGE_STREAM), timeout_s)
-            last = info.state.last_seq
-        except Exception:
-            last = entries.cursor
-        return entries, last
-    finally:
-        try:
-            await asyncio.wait_for(nc.close(), timeout_s)
-        except Exception:
-            pass
-
-
-def _prices(path: Path | None, meta: dict) -> PriceTable:
-    if path is not None:
-        return load_prices(path)
-    if meta.get("prices_text"):
-        return prices_from_text(meta["prices_text"], meta.get("prices_suffix", ".yaml"),
-                                meta.get("prices_source", "the ledger's price table"))
-    return load_prices(None)
+                  + f"\nledger: {s['records_billed']} request(s) billed; usage stream sequence "
+                    f"{s['cursor']} of {s['usage_stream_last_seq']} folded")
 
 
 def _instant(text: str) -> datetime:

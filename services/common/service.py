@@ -1,7 +1,7 @@
 """One service lifecycle for every epserve process: start -> serve -> drain -> stop.
 
 A service is a subclass of `Service` that fills in a few hooks; `run()` does the rest, in the
-same order for all five services:
+same order for all six services:
 
 start   logging -> NATS (when configured) -> `setup()` (build the core: load weights, open
         buckets) -> gRPC server with health (NOT_SERVING) and `add_servicers()` -> Prometheus

@@ -17,6 +17,14 @@ def expert_load(rank: int) -> str:
     return f"{PREFIX}.expert_load.{rank}"
 
 
+# What each prefill instance's prefix-cache memory tier holds (cache-aware routing).
+PREFIX_CACHE_ALL = f"{PREFIX}.prefix_cache.>"
+
+
+def prefix_cache(instance_id: str) -> str:
+    return f"{PREFIX}.prefix_cache.{instance_id}"
+
+
 # JetStream KV buckets.
 MEMBERS_BUCKET = "epserve_members"  # key: instance id -> Member
 TOPOLOGY_BUCKET = "epserve_topology"  # key TOPOLOGY_KEY -> Topology

@@ -1,8 +1,9 @@
 """`make run`: the main job on the built-in small model.
 
-Starts a whole cluster (NATS, scheduler, expert workers, prefill, decode, router; every service
-its own process), sends a demo workload of concurrent requests through the public gRPC API,
-prints a summary, and stops everything it started. `--local` runs the single-process
+Starts a whole cluster (NATS, scheduler, ledger, expert workers, prefill, decode, router; every
+service its own process), sends a demo workload of concurrent requests through the public gRPC
+API, prints a summary ending with the workload's own cost, revenue and margin from the ledger,
+and stops everything it started. `--local` runs the single-process
 reference engine instead (no cluster).
 """
 
@@ -17,7 +18,9 @@ import time
 import grpc
 
 from services.client import InferenceClient, RemoteCompletion
+from services.economics import money
 from services.engine.sampling import SamplingParams
+from services.ledger.report import live_report, read_live
 from services.local.cluster import ClusterSpec, LocalCluster
 from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 
@@ -93,10 +96,32 @@ def print_summary(done: list[RemoteCompletion], wall: float, loads: dict[str, in
         print(f"  balancedness (mean/max) {mean / max(loads.values()):.3f}")
 
 
+def print_margin(nats_url: str, requests: int, wait_s: float = 30.0) -> None:
+    """The workload's own economics, from the cluster's ledger (what `epserve economics live`
+    prints), once it has billed every request (or after `wait_s`)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        ledger = asyncio.run(read_live(nats_url))
+        if ledger.records_billed >= requests or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    built = live_report(ledger.entries, now=time.time())
+    if built is None:
+        print("economics     the ledger has billed nothing (see its log)")
+        return
+    report = built[0]
+    print(f"economics     {ledger.records_billed} of {requests} requests billed "
+          f"(epserve economics live): revenue {money.usd(report.revenue_usd, 6)}, cost "
+          f"{money.usd(report.cost_usd, 4)} for {money.number(report.gpu_hours, 4)} device-hours "
+          f"at {money.usd(report.usd_per_gpu_hour)}/h")
+    print(f"margin        {money.percent(report.margin)} (a demo: a few requests, idle devices "
+          "most of the time)")
+
+
 def run_cluster(args: argparse.Namespace) -> int:
     spec = ClusterSpec(model=args.model, prefill=1, decode=1, expert_workers=args.expert_workers,
                        redundant_experts=args.redundant_experts)
-    print(f"starting the cluster: NATS, scheduler, {spec.expert_workers} expert workers, "
+    print(f"starting the cluster: NATS, scheduler, ledger, {spec.expert_workers} expert workers, "
           f"1 prefill, 1 decode, router (each its own process) ...", flush=True)
     t0 = time.perf_counter()
     with LocalCluster(spec) as cluster:
@@ -107,6 +132,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         for c in done[: min(4, len(done))]:
             print(f"> {c.request_id}: {c.text[:70]!r}")
         print_summary(done, wall, asyncio.run(expert_loads(cluster.endpoints)))
+        print_margin(cluster.nats_url, len(done))
         print("\nstopping the cluster ...", flush=True)
     print("stopped cleanly")
     return 0

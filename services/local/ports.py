@@ -5,17 +5,27 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections import deque
+
+_HANDED_OUT: deque[int] = deque(maxlen=512)  # ports this process returned recently
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Returns a port that was free a moment ago (the OS picked it for a socket bound to 0).
+def free_port(host: str = "127.0.0.1", attempts: int = 64) -> int:
+    """Returns a port that was free a moment ago (the OS picked it for a socket bound to 0),
+    and not one this process handed out recently: the OS may offer a port again as long as its
+    first taker has not bound it yet (two workers started back to back got the same port).
 
     Another process may take it before the caller binds it; servers that can bind to port 0
     themselves and report the port should prefer that.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    for _ in range(attempts):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
+    raise RuntimeError(f"no fresh free port on {host} in {attempts} attempts")
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> None:

@@ -295,6 +295,9 @@ class Attempt:
                     decode_endpoint=decode_endpoint, step_offset=plan.step_offset),
                     timeout=timeout)
                 p.prefills.observe(len(plan.prompt_ids), p.clock() - t0)
+                if plan.step_offset == 0:  # the client's own prompt (not a migration's)
+                    self.outcome.prompt_cache_hit_tokens = min(result.cached_tokens,
+                                                               len(plan.prompt_ids))
                 return result
             except grpc.aio.AioRpcError as exc:
                 retry = exc.code() in PREFILL_RETRYABLE and attempt < p.prefill_retries

@@ -43,6 +43,7 @@ class Outcome:
     ttft_s: float = 0.0
     prefill_instance: str = ""
     decode_instance: str = ""
+    prompt_cache_hit_tokens: int = 0  # of the client's prompt (the first prefill's figure)
     migrations: int = 0
     started_at: float = field(default_factory=time.time)
 
@@ -157,7 +158,8 @@ class RequestFlow:
                 prompt_tokens=len(req.prompt_ids), completion_tokens=stream.checker.received,
                 time_to_first_token_s=outcome.ttft_s,
                 total_time_s=self.parts.clock() - stream.t0,
-                prompt_cache_miss_tokens=len(req.prompt_ids))))
+                prompt_cache_hit_tokens=outcome.prompt_cache_hit_tokens,
+                prompt_cache_miss_tokens=len(req.prompt_ids) - outcome.prompt_cache_hit_tokens)))
 
 
 class _Stream:

@@ -116,7 +116,8 @@ class Gateway:
             usage_id=new_usage_id(), migrations=outcome.migrations,
             request_id=req.request_id, model=self.limits.name, started_at=outcome.started_at,
             finished_at=time.time(), prompt_tokens=len(req.prompt_ids),
-            prompt_cache_hit_tokens=0, prompt_cache_miss_tokens=len(req.prompt_ids),
+            prompt_cache_hit_tokens=outcome.prompt_cache_hit_tokens,
+            prompt_cache_miss_tokens=len(req.prompt_ids) - outcome.prompt_cache_hit_tokens,
             completion_tokens=outcome.completion_tokens, finish_reason=outcome.finish_reason,
             prefill_instance=outcome.prefill_instance, decode_instance=outcome.decode_instance,
             time_to_first_token_s=outcome.ttft_s)

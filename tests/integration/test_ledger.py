@@ -144,11 +144,11 @@ def uptime_seconds(uptimes) -> float:
     return sum(u.seconds() for u in uptimes)
 
 
-def test_cost_follows_the_devices_that_are_up(cluster):
+def test_cost_follows_the_devices_that_are_up(cluster, tmp_path):
     """The four device holders (1 prefill, 1 decode, 2 expert workers) are billed from their
-    process start to their last heartbeat; nothing else is."""
+    process start to their last heartbeat; nothing else is. (With the offline report's charts.)"""
     before = read_uptimes(cluster)
-    report = live(cluster)
+    report = live(cluster, "--chart-dir", str(tmp_path))
     after = read_uptimes(cluster)
     now = time.time()
     assert sorted(u.role for u in after) == ["decode", "expert-worker", "expert-worker",
@@ -160,23 +160,41 @@ def test_cost_follows_the_devices_that_are_up(cluster):
     assert seconds == int(seconds)
     assert Decimal(uptime_seconds(before)) - 4 <= seconds <= Decimal(uptime_seconds(after))
     assert round(Decimal(report["cost_usd"]) * 1800, 9) == seconds  # $2 per device-hour
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live_income_cost.png", "live_nodes.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in tmp_path.iterdir())
 
 
-def test_a_ledger_killed_mid_workload_resumes_without_loss_or_double_count(cluster):
-    before = live(cluster)["ledger"]
-    ledger = cluster.process("ledger")
+def test_killing_the_ledger_scheduler_and_nats_mid_workload_loses_and_doubles_nothing(cluster):
+    """Each fault lands while requests are in flight: SIGKILL of the ledger (restarted), of the
+    scheduler (restarted), and a NATS restart (the routers spool usage meanwhile)."""
+    start_report = live(cluster)
+    before = start_report["ledger"]
+    nats_node = cluster.nats_cluster.nodes[0]
+
+    def restart(name: str) -> None:
+        proc = cluster.process(name)
+        proc.kill()
+        proc.start()
+
+    faults = [lambda: restart("ledger"), lambda: restart("scheduler"), nats_node.restart]
 
     async def workload() -> list:
         out = []
-        for round_ in range(4):
-            out += await grpc_requests(cluster.router_endpoint, 3)
-            if round_ == 1:
-                ledger.kill()  # SIGKILL, at whatever point its writes are
-                ledger.start()
+        for fault in faults:
+            batch = asyncio.ensure_future(grpc_requests(cluster.router_endpoint, 4))
+            await asyncio.sleep(0.3)  # the requests are in flight
+            await asyncio.to_thread(fault)
+            out += await batch
+        out += await grpc_requests(cluster.router_endpoint, 2)  # after the last fault
         return out
 
     got = asyncio.run(workload())
-    ledger.wait_healthy(cluster.endpoints["ledger"], 60)
+    for name in ("ledger", "scheduler"):
+        cluster.process(name).wait_healthy(cluster.endpoints[name], 60)
     report = wait_billed(cluster, before["records_billed"] + len(got))
     assert report["ledger"]["records_billed"] == before["records_billed"] + len(got)
     assert report["ledger"]["cursor"] == report["ledger"]["usage_stream_last_seq"]
+    tokens, earlier = report["tokens"], start_report["tokens"]
+    assert tokens["output_total"] - earlier["output_total"] == sum(len(r.token_ids) for r in got)
+    assert tokens["input_cache_miss"] - earlier["input_cache_miss"] == sum(
+        r.server_usage.prompt_tokens for r in got)

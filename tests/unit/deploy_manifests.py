@@ -23,6 +23,7 @@ from services.cli import build_parser
 from services.common.settings import settings_from
 from services.decode.config import DecodeConfig
 from services.expert_worker.config import ExpertWorkerConfig
+from services.ledger.config import LedgerConfig
 from services.prefill.config import PrefillConfig
 from services.router.config import RouterConfig
 from services.scheduler.config import SchedulerConfig
@@ -49,6 +50,7 @@ CONFIGS = {
     "prefill": PrefillConfig,
     "decode": DecodeConfig,
     "expert-worker": ExpertWorkerConfig,
+    "ledger": LedgerConfig,
 }
 
 

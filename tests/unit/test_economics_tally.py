@@ -152,3 +152,16 @@ def test_a_window_from_a_later_hour_leaves_earlier_buckets_out():
 def test_empty_ledger_has_no_window():
     assert live_window([], [], now=DAY) is None
     assert TokenBucket(0, 3600, "m", "").key != TokenBucket(0, 3600, "m", "t").key
+
+
+def test_a_tenants_report_has_its_tokens_and_the_whole_cost():
+    tally = Tally(PRICES)
+    tally.add_record(1, record(at(9), miss=100, tenant="acme"))
+    tally.add_record(2, record(at(9), miss=900, tenant="other"))
+    tally.credit("decode-0", "decode", DAY + 9 * 3600, DAY + 10 * 3600, now=DAY + 10 * 3600)
+    window = live_window(tally.buckets.values(), tally.uptimes.values(), now=DAY + 10 * 3600)
+    usage = live_usage(tally.buckets.values(), tally.uptimes.values(), window, tenant="acme",
+                       usd_per_gpu_hour=Decimal(2), gpus_per_node=8)
+    report = compute_report(usage, PRICES)
+    assert report.tokens.input_cache_miss == 100 and report.cost_usd == 2
+    assert any("tenant 'acme'" in note for note in report.notes)

@@ -178,3 +178,17 @@ class OverlapPlan(_message.Message):
     split_policy: str
     min_batch_tokens: int
     def __init__(self, version: _Optional[int] = ..., micro_batches: _Optional[int] = ..., split_policy: _Optional[str] = ..., min_batch_tokens: _Optional[int] = ...) -> None: ...
+
+class PrefixCacheKeys(_message.Message):
+    __slots__ = ("instance_id", "model_fingerprint", "key_prefixes", "sent_at", "kv_layout")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KEY_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    model_fingerprint: str
+    key_prefixes: bytes
+    sent_at: float
+    kv_layout: str
+    def __init__(self, instance_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., key_prefixes: _Optional[bytes] = ..., sent_at: _Optional[float] = ..., kv_layout: _Optional[str] = ...) -> None: ...

@@ -73,34 +73,38 @@ class DecodeEvent(_message.Message):
     def __init__(self, accepted: _Optional[_Union[DecodeAccepted, _Mapping]] = ..., token: _Optional[_Union[DecodeToken, _Mapping]] = ..., finished: _Optional[_Union[DecodeFinished, _Mapping]] = ..., queued: _Optional[_Union[DecodeQueued, _Mapping]] = ..., alive: _Optional[_Union[DecodeAlive, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "sampling", "decode_endpoint", "step_offset")
+    __slots__ = ("request_id", "prompt_ids", "sampling", "decode_endpoint", "step_offset", "tenant")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DECODE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _inference_pb2.SamplingParams
     decode_endpoint: str
     step_offset: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., decode_endpoint: _Optional[str] = ..., step_offset: _Optional[int] = ...) -> None: ...
+    tenant: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., decode_endpoint: _Optional[str] = ..., step_offset: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("instance_id", "first_token", "prompt_tokens", "prefill_seconds", "transfer_seconds", "kv_bytes")
+    __slots__ = ("instance_id", "first_token", "prompt_tokens", "prefill_seconds", "transfer_seconds", "kv_bytes", "cached_tokens")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     first_token: int
     prompt_tokens: int
     prefill_seconds: float
     transfer_seconds: float
     kv_bytes: int
-    def __init__(self, instance_id: _Optional[str] = ..., first_token: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, instance_id: _Optional[str] = ..., first_token: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("request_id", "index", "last", "data", "dtype", "shape", "first_token", "total_bytes", "sha256")
