@@ -17,6 +17,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fp8_model_dir(tmp_path_factory) -> Path:
+    """tiny with FP8 block-quantised linears, blocks of 24: partial blocks in every weight."""
+    return make_model("tiny", tmp_path_factory.mktemp("tinyfp8"), seed=0, fp8_block=24)
+
+
+@pytest.fixture(scope="session")
 def mini_model_dir(tmp_path_factory) -> Path:
     return make_model("v3-mini", tmp_path_factory.mktemp("v3mini"), seed=0)
 

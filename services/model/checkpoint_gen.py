@@ -5,22 +5,35 @@ well-conditioned: projections ~ N(0, 1/fan_in), residual outputs halved so the s
 slowly, router logits ~N(0, 1) so sigmoid scores spread without saturating (with a small
 correction bias, every expert gets tokens on
 random prompts), and an lm_head scale that spreads logits so near-ties are rare.
+
+Two options shape a checkpoint like a published DeepSeek-V3 one: `fp8_block` quantises the
+linear weights to FP8 in blocks (services/model/fp8.py), and `tokenizer_size` writes a
+tokenizer that knows fewer ids than config.json's vocab_size (V3: 129,280 embedding rows,
+about 128.8k tokens). Neither changes the drawn weights.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from services.model import fp8
 from services.model.config import ModelConfig
 from services.model.presets import PRESETS
-from services.model.tokenizer_gen import build_tokenizer, write_tokenizer
+from services.model.tokenizer_gen import MIN_VOCAB_SIZE, build_tokenizer, write_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The linears DeepSeek ships in FP8: attention projections and every MLP's (dense, shared,
+# routed). Embeddings, lm_head, norms and the router gate stay in high precision.
+FP8_LINEAR = re.compile(
+    r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)"
+    r"\.weight$"
+)
 
 
 def _tensors(cfg: ModelConfig, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -79,22 +92,36 @@ def _tensors(cfg: ModelConfig, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def make_model(preset: str, out_dir: str | Path, seed: int = 0,
-               max_shard_bytes: int | None = None) -> Path:
+               max_shard_bytes: int | None = None, fp8_block: int | None = None,
+               tokenizer_size: int | None = None) -> Path:
+    """Write config.json, safetensors and the tokenizer; fp8_block quantises (square blocks)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (one of {sorted(PRESETS)})")
+    if fp8_block is not None and fp8_block <= 0:
+        raise ValueError(f"fp8_block must be > 0, got {fp8_block}")
     raw = dict(PRESETS[preset])
     cfg = ModelConfig.from_dict(raw)
+    if tokenizer_size is not None and not MIN_VOCAB_SIZE <= tokenizer_size <= cfg.vocab_size:
+        raise ValueError(f"tokenizer_size must be in [{MIN_VOCAB_SIZE}, {cfg.vocab_size}] "
+                         f"(vocab_size), got {tokenizer_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     dtype = DTYPES[raw["torch_dtype"]]
-    tensors = {
-        k: (v.float() if ".mlp.gate." in k else v.to(dtype)).contiguous()
-        for k, v in _tensors(cfg, g).items()
-    }
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in _tensors(cfg, g).items():
+        if fp8_block is not None and FP8_LINEAR.search(k):
+            q, scale_inv = fp8.quantize(v, (fp8_block, fp8_block))
+            tensors[k], tensors[fp8.scale_key(k)] = q.contiguous(), scale_inv.contiguous()
+        else:
+            tensors[k] = (v.float() if ".mlp.gate." in k else v.to(dtype)).contiguous()
+    if fp8_block is not None:
+        raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "quant_method": "fp8",
+                                      "weight_block_size": [fp8_block, fp8_block]}
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     _save(tensors, out, max_shard_bytes)
-    write_tokenizer(out, cfg.vocab_size)
+    write_tokenizer(out, cfg.vocab_size if tokenizer_size is None else tokenizer_size)
     return out
 
 

@@ -76,6 +76,8 @@ class ModelConfig:
     eos_token_id: int | None = None
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
+    # quantisation: the (rows, cols) block of FP8 weight scales; None when nothing is quantised
+    fp8_weight_block: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +190,33 @@ def _rope(raw: dict[str, Any]) -> RopeConfig:
     )
 
 
+def _fp8_weight_block(quant: Any) -> tuple[int, int] | None:
+    """DeepSeek's FP8 scheme: e4m3 weights, one scale per block, activations left alone.
+
+    Activations are never quantised here (weights are dequantised at load), so only the
+    "dynamic" scheme, which stores no activation scales, describes a checkpoint we read fully.
+    """
+    if quant is None:
+        return None
+    field_name = "config.json: quantization_config"
+    if not isinstance(quant, dict):
+        raise ConfigError(f"{field_name} must be an object")
+    if quant.get("quant_method") != "fp8":
+        raise ConfigError(f"{field_name}.quant_method {quant.get('quant_method')!r} is not "
+                          "supported (fp8)")
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"{field_name}.fmt {quant['fmt']!r} is not supported (e4m3)")
+    if quant.get("activation_scheme", "dynamic") != "dynamic":
+        raise ConfigError(f"{field_name}.activation_scheme {quant['activation_scheme']!r} is "
+                          "not supported (dynamic)")
+    block = quant.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ConfigError(f"{field_name}.weight_block_size must be two positive integers, "
+                          f"got {block!r}")
+    return block[0], block[1]
+
+
 def _parse(raw: dict[str, Any]) -> ModelConfig:
     arch = (raw.get("architectures") or [None])[0]
     model_type = raw.get("model_type") or ARCHITECTURES.get(arch or "")
@@ -237,5 +266,6 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
         eos_token_id=eos,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+        fp8_weight_block=_fp8_weight_block(raw.get("quantization_config")),
         extra={k: v for k, v in raw.items() if k == "num_nextn_predict_layers"},
     )

@@ -4,7 +4,9 @@ A byte-level token may end in the middle of a multi-byte UTF-8 character (an emo
 split over two or three tokens). The detokenizer keeps each token's bytes and emits text only
 once the bytes form whole characters, so a client never sees half a character. Invalid bytes
 become U+FFFD exactly as `Tokenizer.decode` replaces them, so the concatenation of every delta
-and the final flush equals `Tokenizer.decode` of all the ids pushed.
+and the final flush equals `Tokenizer.decode` of all the ids pushed. An id past the
+tokenizer's vocabulary (config.json's vocab_size pads past it) adds no bytes, so it neither
+fails the stream nor breaks a character that spans it.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Only the tensors the process holds are read: safetensors files are memory-mapped and each
 tensor (or one expert's slice of a fused expert tensor) is read on its own, so a worker that
 holds 1/8 of the routed experts never materialises the rest. Unknown and missing tensors are
-errors that name the key. FP8 block-quantised weights (`weight_scale_inv`, 128x128 blocks, as
-DeepSeek publishes V3) are dequantised on load.
+errors that name the key. FP8 block-quantised weights (e4m3 with a `weight_scale_inv` per
+block, as DeepSeek publishes V3; the block size from config.json's `quantization_config`) are
+dequantised on load into the compute dtype (services/model/fp8.py), on every path: whole
+tensors and one expert's row of a fused expert tensor alike.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from services.common.errors import CheckpointError
+from services.model import fp8
 from services.model.config import ModelConfig
 from services.model.deepseek import DeepseekModel, ExpertKeys, all_experts
 from services.model.moe import ExpertBank
@@ -29,7 +32,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-FP8_BLOCK = 128
+FLOAT8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+                 torch.float8_e5m2fnuz}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -77,10 +81,14 @@ class CheckpointIndex:
 
 
 class TensorReader:
-    """Reads single tensors or slices, keeping each file open once."""
+    """Reads single tensors or slices, keeping each file open once; FP8 comes out dequantised.
 
-    def __init__(self, index: CheckpointIndex, report: LoadReport) -> None:
-        self.index, self.report = index, report
+    fp8_block is the checkpoint's scale block (config.json); None means no tensor may be fp8.
+    """
+
+    def __init__(self, index: CheckpointIndex, report: LoadReport,
+                 fp8_block: tuple[int, int] | None = None) -> None:
+        self.index, self.report, self.fp8_block = index, report, fp8_block
         self._stack = ExitStack()
         self._open: dict[Path, object] = {}
 
@@ -101,29 +109,44 @@ class TensorReader:
     def has(self, key: str) -> bool:
         return key in self.index.file_of
 
-    def read(self, key: str, row: int | None = None) -> torch.Tensor:
+    def _raw(self, key: str, row: int | None) -> torch.Tensor:
         f = self._file(key)
         t = f.get_tensor(key) if row is None else f.get_slice(key)[row]
         self.report.tensors_read.append(key if row is None else f"{key}[{row}]")
         self.report.bytes_read += t.numel() * t.element_size()
-        scale_key = key + "_scale_inv"
-        if t.dtype == torch.float8_e4m3fn and row is None and self.has(scale_key):
-            t = dequantize_fp8(t, self._file(scale_key).get_tensor(scale_key))
         return t
 
+    def read(self, key: str, row: int | None = None) -> torch.Tensor:
+        """The tensor `key` (or its row `row`, one expert of a fused tensor) in full precision."""
+        t = self._raw(key, row)
+        scale = fp8.scale_key(key)
+        if t.dtype not in FLOAT8_DTYPES:
+            if self.has(scale):
+                raise CheckpointError(f"tensor {key!r} is {t.dtype} but has a scale {scale!r}; "
+                                      "only float8_e4m3fn weights are scaled")
+            return t
+        if t.dtype != fp8.FP8_DTYPE:
+            raise CheckpointError(f"tensor {key!r} is {t.dtype}; only float8_e4m3fn is supported")
+        if self.fp8_block is None:
+            raise CheckpointError(f"tensor {key!r} is float8_e4m3fn but config.json has no "
+                                  "quantization_config")
+        # DeepSeek's fp8_cast_bf16.py only warns here and keeps the raw fp8 codes, which
+        # serves a silently corrupted model; a load fails instead.
+        if not self.has(scale):
+            raise CheckpointError(f"tensor {key!r} is float8_e4m3fn but its scale {scale!r} "
+                                  "is missing")
+        at = "" if row is None else f"[{row}]"
+        return fp8.dequantize(t, self._raw(scale, row), self.fp8_block, key + at, scale + at)
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)
-    return weight.float() * scale[:, :cols]
 
-
-def _ignored(key: str, cfg: ModelConfig) -> bool:
+def _ignored(key: str, cfg: ModelConfig, index: CheckpointIndex) -> bool:
     """Tensors that are legitimately present but unused: multi-token-prediction layers, scales."""
     m = LAYER_KEY.match(key)
     if m and int(m.group(1)) >= cfg.num_hidden_layers:
         return True
-    return key.endswith("weight_scale_inv") or key.endswith("rotary_emb.inv_freq")
+    if key.endswith(fp8.SCALE_SUFFIX) and key.removesuffix(fp8.SCALE_SUFFIX) in index.file_of:
+        return True  # read with its weight; an orphan scale is unexpected
+    return key.endswith("rotary_emb.inv_freq")
 
 
 def load_model(
@@ -156,7 +179,7 @@ def load_model(
         model = DeepseekModel(cfg, experts, dtype)
     expected = {k: v for k, v in model.state_dict().items() if ".mlp.experts." not in k}
     state: dict[str, torch.Tensor] = {}
-    with TensorReader(index, report) as reader:
+    with TensorReader(index, report, cfg.fp8_weight_block) as reader:
         for key, meta in expected.items():
             source = key
             if key == "lm_head.weight" and not reader.has(key) and cfg.tie_word_embeddings:
@@ -168,7 +191,7 @@ def load_model(
                 )
             state[key] = tensor.to(meta.dtype)
         for key in index.keys():
-            if key in expected or _ignored(key, cfg):
+            if key in expected or _ignored(key, cfg, index):
                 continue
             if EXPERT_KEY.match(key) or FUSED_EXPERT_KEY.match(key):
                 continue
@@ -195,7 +218,7 @@ def load_expert_banks(
     cfg = ModelConfig.from_dir(model_dir)
     report = report if report is not None else LoadReport()
     banks: dict[int, ExpertBank] = {}
-    with TensorReader(CheckpointIndex(model_dir), report) as reader:
+    with TensorReader(CheckpointIndex(model_dir), report, cfg.fp8_weight_block) as reader:
         for layer, entries in sorted(layout.items()):
             if not cfg.is_moe_layer(layer):
                 raise CheckpointError(f"layer {layer} is not a MoE layer")

@@ -3,6 +3,10 @@
 Loads a checkpoint's tokenizer files (generated ones or a real DeepSeek-V3's) with the
 `tokenizers` library and renders the chat template with jinja2, so serving never needs
 transformers. Ids match transformers' for the same text and chat (tests check this).
+
+The model may emit ids the tokenizer does not know: config.json's vocab_size counts embedding
+rows, which DeepSeek pads past the tokenizer (V3: 129,280 rows, about 128.8k tokens). Such an
+id decodes to empty text, as in Hugging Face tokenizers, and never fails a request.
 """
 
 from __future__ import annotations
@@ -105,12 +109,15 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = list(ids)
         self._check_ids(ids)
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        # Unknown ids are dropped here rather than left to the backend, which skips them today.
+        known = [token_id for token_id in ids if token_id < len(self._id_to_token)]
+        return self._backend.decode(known, skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one token contributes to decoded text (a special token's own UTF-8)."""
+        """The bytes one token contributes to decoded text (a special token's own UTF-8);
+        none for an id past the tokenizer's vocabulary."""
         self._check_ids((token_id,))
-        return self._token_bytes[token_id]
+        return self._token_bytes[token_id] if token_id < len(self._token_bytes) else b""
 
     def render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
@@ -135,9 +142,10 @@ class Tokenizer:
         return self._compiled_template
 
     def _check_ids(self, ids: Sequence[int]) -> None:
+        # A negative id is no token of any model: a caller's bug, not a padded vocabulary.
         for token_id in ids:
-            if not 0 <= token_id < len(self._id_to_token):
-                raise ValueError(f"token id {token_id} outside [0, {len(self._id_to_token)})")
+            if token_id < 0:
+                raise ValueError(f"token id {token_id} is negative")
 
 
 def _jinja_environment() -> ImmutableSandboxedEnvironment:

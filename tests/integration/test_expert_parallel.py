@@ -1,6 +1,7 @@
 """The EP runtime over real expert-worker processes equals the reference engine.
 
-Master invariant for N in {1, 2, 4} workers, with redundant experts, on tiny and v3-mini, in
+Master invariant for N in {1, 2, 4} workers, with redundant experts, on tiny (also as an FP8
+checkpoint, whose experts the workers dequantise) and v3-mini, in
 fp32, bf16 and fp8 wire modes (the reference applies the same quantisation). Workers hold only
 their slots; malformed dispatches get documented errors and the stream stays usable; a dead
 worker is a clear error within the deadline, never a hang.
@@ -34,6 +35,7 @@ CASES = [  # (model fixture, workers, redundant, wire modes)
     ("tiny_model_dir", 1, 0, ("fp32",)),
     ("tiny_model_dir", 2, 0, ("fp32", "fp8")),
     ("tiny_model_dir", 4, 4, ("fp32", "bf16")),
+    ("tiny_fp8_model_dir", 2, 0, ("fp32",)),  # workers dequantise an FP8 checkpoint's experts
     ("mini_model_dir", 2, 0, ("fp32",)),
     ("mini_model_dir", 4, 8, ("fp32", "bf16", "fp8")),
 ]
@@ -50,7 +52,8 @@ async def ep_run(model_dir, endpoints, reqs, wire):
 
 
 @pytest.mark.parametrize("fixture, workers, redundant, wires", CASES,
-                         ids=[f"{c[0].split('_')[0]}-N{c[1]}-R{c[2]}" for c in CASES])
+                         ids=[f"{c[0].removesuffix('_model_dir')}-N{c[1]}-R{c[2]}"
+                              for c in CASES])
 def test_ep_equals_reference(request, fixture, workers, redundant, wires):
     model_dir = request.getfixturevalue(fixture)
     cfg = ModelConfig.from_dir(model_dir)
@@ -79,8 +82,10 @@ def _assert_workers_hold_only_their_slots(endpoints, table, cfg):
         want = {(layer, s, table.phy2log[i][s]) for i, layer in enumerate(table.layer_ids)
                 for s in table.slots_of_worker(rank)}
         assert held == want
-        # three weight tensors (gate, up, down) per held slot, nothing else
-        assert info.expert_tensors_read == 3 * len(want)
+        # three weight tensors (gate, up, down) per held slot, each with its scale when FP8,
+        # nothing else
+        per_slot = 6 if cfg.fp8_weight_block else 3
+        assert info.expert_tensors_read == per_slot * len(want)
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2  # bf16 or fp32 bytes
         assert info.expert_bytes_read <= len(want) * per_expert * 2
 

@@ -140,11 +140,26 @@ def test_chat_template_rejects_unknown_role(tok):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
-def test_decode_rejects_out_of_range_ids(tok):
-    with pytest.raises(ValueError, match="outside"):
-        tok.decode([tok.vocab_size])
-    with pytest.raises(ValueError, match="outside"):
-        tok.decode([-1])
+def test_ids_past_the_vocabulary_decode_to_nothing_like_transformers(tok, hf):
+    """config.json's vocab_size may exceed the tokenizer's (DeepSeek-V3 pads it to 129,280)."""
+    past = [tok.vocab_size, tok.vocab_size + 7, 129_279]
+    smile = tok.encode("🙂 ok", add_bos=False)
+    mixed = [tok.bos_id, smile[0], past[0], *smile[1:], past[1], tok.eos_id, past[2]]
+    for skip in (False, True):
+        assert tok.decode(past, skip_special_tokens=skip) == ""
+        assert hf.decode(past, skip_special_tokens=skip) == ""
+        known = [t for t in mixed if t not in past]
+        assert tok.decode(mixed, skip_special_tokens=skip) == tok.decode(known, skip_special_tokens=skip)
+        assert tok.decode(mixed, skip_special_tokens=skip) == hf.decode(mixed, skip_special_tokens=skip)
+    assert all(tok.token_bytes(t) == b"" for t in past)
+    assert tok.token_bytes(tok.vocab_size - 1) != b""
+
+
+def test_negative_ids_are_rejected(tok):
+    with pytest.raises(ValueError, match="negative"):
+        tok.decode([3, -1])
+    with pytest.raises(ValueError, match="negative"):
+        tok.token_bytes(-1)
 
 
 def test_loads_deepseek_style_config_and_template_file(tmp_path):

@@ -32,7 +32,8 @@ def _stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
 
 @st.composite
 def id_sequences(draw, tok: Tokenizer) -> list[int]:
-    """Ids mixing whole tokens, specials and lone bytes that split or break UTF-8 characters."""
+    """Ids mixing whole tokens, specials, lone bytes that split or break UTF-8 characters,
+    and ids past the tokenizer's vocabulary (a model's padded vocab_size emits them)."""
     byte_ids = _single_byte_ids(tok)
     specials = sorted(tok.special_ids)
     multi_byte_text = st.sampled_from(["é", "日本", "🙂", "🚀x", "ñ"])
@@ -42,6 +43,7 @@ def id_sequences(draw, tok: Tokenizer) -> list[int]:
         st.lists(st.sampled_from([byte_ids[b] for b in range(0x80, 0x100)]), max_size=4),
         multi_byte_text.map(lambda s: [byte_ids[b] for b in s.encode("utf-8")]),
         st.text(max_size=8).map(lambda s: tok.encode(s, add_bos=False)),
+        st.lists(st.integers(tok.vocab_size, tok.vocab_size + 1000), max_size=2),
     )
     return [token_id for piece in draw(st.lists(pieces, max_size=12)) for token_id in piece]
 
@@ -111,6 +113,17 @@ def test_prompt_ending_inside_a_character(tok):
     assert streamed == tok.decode(output)
 
 
-def test_rejects_out_of_range_id(tok):
-    with pytest.raises(ValueError, match="outside"):
-        IncrementalDetokenizer(tok).push(tok.vocab_size)
+def test_ids_past_the_vocabulary_add_no_text(tok):
+    byte_ids = _single_byte_ids(tok)
+    smile = [byte_ids[b] for b in "🙂".encode()]
+    past = tok.vocab_size + 3
+    # As the router builds it: a prompt (validated against the model's larger vocab_size)
+    # and generated ids may both hold ids the tokenizer does not know.
+    detok = IncrementalDetokenizer(tok, prompt_ids=[tok.bos_id, past, *smile[:2]])
+    deltas = _stream(detok, [past, smile[2], past, smile[3], tok.vocab_size])
+    assert deltas == ["", "", "", "🙂", "", ""]
+
+
+def test_rejects_negative_id(tok):
+    with pytest.raises(ValueError, match="negative"):
+        IncrementalDetokenizer(tok).push(-1)
