@@ -10,7 +10,7 @@ Each is estimated as the instance's last report plus what this router sent since
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from services.balance.ledger import DispatchLedger, estimate
@@ -66,21 +66,27 @@ class PrefillBalancer:
             for i in instances
         }
 
-    def choose(self, instances: Sequence[PrefillInstanceLoad], prompt_len: int) -> str:
-        """The active instance that keeps the worst normalised load lowest."""
+    def choose(self, instances: Sequence[PrefillInstanceLoad], prompt_len: int,
+               cached: Mapping[str, int] | None = None) -> str:
+        """The active instance that keeps the worst normalised load lowest, counting on each
+        its own work for this prompt: an instance whose prefix cache holds the first `cached`
+        tokens computes only the rest (prompt_len - cached tokens, attention prompt_len**2 -
+        cached**2), so a long cached prefix wins unless that instance is loaded enough to
+        lose it (SGLang's cache-aware routing and llm-d's prefix scorer weigh the same two)."""
         if prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         active = active_only(instances)
         loads = self.estimated_loads(active)
-        cost = float(prompt_len) ** 2
-        # Fair share per dimension after this request: the mean over active instances.
-        fair_cost = (sum(a for a, _ in loads.values()) + cost) / len(active)
+        # A prompt cached whole still computes its last token (its logits give token 0).
+        hits = {i.instance_id: min(max((cached or {}).get(i.instance_id, 0), 0), prompt_len - 1)
+                for i in active}
+        # Fair share per dimension after this request (counted uncached): the mean over active
+        # instances; one scale for every candidate, so their figures compare.
+        fair_cost = (sum(a for a, _ in loads.values()) + float(prompt_len) ** 2) / len(active)
         fair_tokens = (sum(t for _, t in loads.values()) + prompt_len) / len(active)
         ids = [i.instance_id for i in active]
-        ratios = [
-            ((loads[i][0] + cost) / fair_cost, (loads[i][1] + prompt_len) / fair_tokens)
-            for i in ids
-        ]
+        ratios = [((loads[i][0] + float(prompt_len) ** 2 - float(hits[i]) ** 2) / fair_cost,
+                   (loads[i][1] + prompt_len - hits[i]) / fair_tokens) for i in ids]
         weights = (self.config.attention_weight, self.config.token_weight)
         return pick_lowest(ids, ratios, weights)
 

@@ -45,6 +45,13 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                            "load drops below this (0 = off)")
     eplb.add_argument("--rebalance-period-s", type=float, default=0.0,
                       help="also re-plan this often (0 = off)")
+    cache = p.add_argument_group("prefix KV cache (off unless a directory is given)")
+    cache.add_argument("--kv-cache-dir", default="",
+                       help="directory every prefill instance shares for prefix KV pages")
+    cache.add_argument("--kv-cache-bytes", type=int, default=None,
+                       help="its disk budget (default: the prefill's, 8 GiB)")
+    cache.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                       help="each prefill instance's memory tier (default: 512 MiB)")
     link = p.add_argument_group("shaped links (one `epserve link-proxy` per expert worker)")
     link.add_argument("--link-latency-ms", type=float, default=None,
                       help="one-way latency added between attention instances and each expert "
@@ -68,6 +75,10 @@ def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
                            trace_dir=str(Path(args.trace_dir).resolve()) if args.trace_dir else "",
                            link_latency_ms=args.link_latency_ms,
                            link_bandwidth_mbps=args.link_bandwidth_mbps,
+                           kv_cache_dir=str(Path(args.kv_cache_dir).resolve())
+                           if args.kv_cache_dir else "",
+                           kv_cache_bytes=args.kv_cache_bytes,
+                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                            extra={"scheduler": (
                                "--rebalance-threshold", str(args.rebalance_threshold),
                                "--rebalance-period-s", str(args.rebalance_period_s))})

@@ -70,6 +70,9 @@ class ClusterSpec:
     restart: bool = False  # supervise: restart what exits (epserve up turns it on)
     nats_nodes: int = 1  # > 1: a JetStream cluster, every stream and bucket replicated on it
     ledger: bool = True  # live metering (services/ledger), started beside the scheduler
+    kv_cache_dir: str = ""  # the prefix KV cache every prefill instance shares (off: "")
+    kv_cache_bytes: int | None = None
+    kv_cache_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.expert_workers, self.routers) < 1:
@@ -90,6 +93,16 @@ class ClusterSpec:
     @property
     def shaped_links(self) -> bool:
         return self.link_latency_ms is not None or self.link_bandwidth_mbps is not None
+
+    def prefix_cache_args(self) -> list[str]:
+        if not self.kv_cache_dir:
+            return []
+        args = ["--kv-cache-dir", self.kv_cache_dir]
+        for flag, value in (("--kv-cache-bytes", self.kv_cache_bytes),
+                            ("--kv-cache-memory-bytes", self.kv_cache_memory_bytes)):
+            if value is not None:
+                args += [flag, str(value)]
+        return args
 
     def scheduler_plan_args(self) -> list[str]:
         args = []
@@ -210,6 +223,7 @@ class LocalCluster:
                 self._stage([(f"expert-worker-{r}", "expert-worker", ["--rank", str(r)])
                              for r in range(s.expert_workers)], timeout)
             self._stage([(f"prefill-{i}", "prefill", ["--instance-id", f"prefill-{i}", "--wire", s.wire,
+                                                      *s.prefix_cache_args(),
                                                       *self._trace_args(f"prefill-{i}")])
                          for i in range(s.prefill)]
                         + [(f"decode-{i}", "decode", ["--instance-id", f"decode-{i}", "--wire", s.wire,

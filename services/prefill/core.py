@@ -21,6 +21,7 @@ from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.sampling import SamplingParams, sample_token
 from services.model.config import ModelConfig
 from services.prefill import metrics
+from services.prefill.prefix_reuse import NO_HIT, PrefixReuse
 
 log = structlog.get_logger("prefill")
 
@@ -46,12 +47,15 @@ class PrefillOutput:
     first_token: int
     latent: torch.Tensor
     seconds: float
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class PrefillCore:
     def __init__(self, cfg: ModelConfig, forward: Forward, dtype: torch.dtype, device,
-                 max_batch_tokens: int = 4096, max_queue: int = 256, block_size: int = 64) -> None:
+                 max_batch_tokens: int = 4096, max_queue: int = 256, block_size: int = 64,
+                 prefix: PrefixReuse | None = None) -> None:
         self.cfg, self.forward, self.dtype, self.device = cfg, forward, dtype, device
+        self.prefix = prefix
         self.max_batch_tokens, self.max_queue, self.block_size = max_batch_tokens, max_queue, block_size
         self.queue: deque[PrefillJob] = deque()
         self.running: list[PrefillJob] = []
@@ -100,13 +104,23 @@ class PrefillCore:
 
     async def _run(self, jobs: list[PrefillJob]) -> None:
         t0 = time.perf_counter()
+        hits = [await self.prefix.lookup(j.prompt_ids) if self.prefix else NO_HIT for j in jobs]
         blocks = sum(-(-len(j.prompt_ids) // self.block_size) for j in jobs)
         cache = LatentKVCache(self.cfg.num_hidden_layers, self.cfg.latent_dim, blocks,
                               self.block_size, self.dtype, self.device)
+        # A cached prefix goes into the step's cache and only the rest is computed; a prompt
+        # cached whole still computes its last token (its logits give token 0).
+        pasts = [min(hit.tokens, len(j.prompt_ids) - 1) for j, hit in zip(jobs, hits, strict=True)]
         try:
-            batch = cache.batch([SeqChunk(j.request_id, 0, len(j.prompt_ids)) for j in jobs])
-            ids = torch.tensor([t for j in jobs for t in j.prompt_ids], dtype=torch.long)
+            for job, hit, past in zip(jobs, hits, pasts, strict=True):
+                if past > 0:
+                    cache.write(job.request_id, hit.latent[:, :past])
+            batch = cache.batch([SeqChunk(j.request_id, past, len(j.prompt_ids) - past)
+                                 for j, past in zip(jobs, pasts, strict=True)])
+            ids = torch.tensor([t for j, past in zip(jobs, pasts, strict=True)
+                                for t in j.prompt_ids[past:]], dtype=torch.long)
             metrics.BATCH_TOKENS.observe(ids.numel())
+            t_forward = time.perf_counter()
             logits = (await self.forward(ids, batch, cache.layers)).float().cpu()
         except Exception as exc:
             log.error("prefill_batch_failed", error=str(exc), requests=len(jobs))
@@ -116,12 +130,18 @@ class PrefillCore:
             return
         seconds = time.perf_counter() - t0
         self.batches += 1
-        for job, row in zip(jobs, logits, strict=True):
+        if self.prefix is not None:
+            self.prefix.observe_prefill(ids.numel(), time.perf_counter() - t_forward)
+        for job, hit, row in zip(jobs, hits, logits, strict=True):
             if job.done.done():
                 continue
             token = sample_token(row, job.params, step=job.step_offset)
-            job.done.set_result(PrefillOutput(token, cache.read(job.request_id, len(job.prompt_ids)).cpu(),
-                                              seconds))
+            latent = cache.read(job.request_id, len(job.prompt_ids)).cpu()
+            metrics.PROMPT_TOKENS.labels(cache="hit").inc(hit.tokens)
+            metrics.PROMPT_TOKENS.labels(cache="miss").inc(len(job.prompt_ids) - hit.tokens)
+            if self.prefix is not None:
+                self.prefix.store_later(job.prompt_ids, latent)
+            job.done.set_result(PrefillOutput(token, latent, seconds, cached_tokens=hit.tokens))
 
     def load(self) -> InstanceLoad:
         jobs = list(self.queue) + self.running

@@ -13,3 +13,8 @@ BATCH_TOKENS = Histogram("epserve_prefill_batch_tokens", "prompt tokens per batc
                          buckets=(16, 64, 256, 1024, 4096, 16384))
 QUEUE_DEPTH = Gauge("epserve_prefill_queued_requests", "prompts waiting or running")
 QUEUED_TOKENS = Gauge("epserve_prefill_queued_tokens", "prompt tokens waiting or running")
+PROMPT_TOKENS = Counter("epserve_prefill_prompt_tokens_total",
+                        "prompt tokens by where their KV came from (hit: the prefix cache)",
+                        ["cache"])
+CACHE_WRITES_DROPPED = Counter("epserve_prefill_cache_writes_dropped_total",
+                               "prompts whose new pages were not written (write queue full)")

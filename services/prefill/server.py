@@ -79,7 +79,8 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
                     metrics.REQUESTS.labels(outcome="already_installed").inc()
                     return serving_pb2.PrefillResult(
                         instance_id=self.instance_id, first_token=out.first_token,
-                        prompt_tokens=len(request.prompt_ids), prefill_seconds=out.seconds)
+                        prompt_tokens=len(request.prompt_ids), prefill_seconds=out.seconds,
+                        cached_tokens=out.cached_tokens)
                 metrics.REQUESTS.labels(outcome="transfer_failed").inc()
                 log.warning("kv_transfer_failed", decode=request.decode_endpoint,
                             code=exc.code().name, reason=exc.details())
@@ -94,7 +95,7 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
             return serving_pb2.PrefillResult(
                 instance_id=self.instance_id, first_token=out.first_token,
                 prompt_tokens=len(request.prompt_ids), prefill_seconds=out.seconds,
-                transfer_seconds=transfer, kv_bytes=ack.bytes)
+                transfer_seconds=transfer, kv_bytes=ack.bytes, cached_tokens=out.cached_tokens)
 
     async def close(self) -> None:
         await self.channels.close()

@@ -33,6 +33,7 @@ from services.router.config import RouterConfig
 from services.router.flow import RequestFlow
 from services.router.instances import DECODE, PREFILL, ROLES, InstanceReport, InstanceView
 from services.router.openai_http import OpenAIHttp
+from services.router.prefix_view import PrefixCacheView
 from services.router.server import Gateway, RouterServicer
 from services.router.usage import UsagePublisher
 from services.router.validation import ModelLimits
@@ -91,13 +92,20 @@ class RouterService(Service):
         js = self.nc.jetstream()
         await ensure_usage_stream(js)
         self.sub = await self.nc.subscribe(subjects.HEARTBEAT_ALL, cb=watch_instances(self.view))
+        self.prefix_view = PrefixCacheView(time.time)
+
+        async def on_prefix_keys(msg) -> None:
+            self.prefix_view.on_message(msg.data)
+
+        self.prefix_sub = await self.nc.subscribe(subjects.PREFIX_CACHE_ALL, cb=on_prefix_keys)
         context = self.model_cfg.max_position_embeddings
         parts = Parts(
             self.view, InstanceChooser(cfg.balancer, context), self.channels, time.monotonic,
             cfg.prefill_retries, cfg.decode_attempts, cfg.failover_wait_s,
             token_gaps=ObservedDeadline(cfg.token_gap_floor_s, cfg.request_timeout_s,
                                         window=512, warmup=16, quantile=0.99),
-            prefills=ObservedDeadline(cfg.prefill_floor_s, cfg.request_timeout_s, warmup=4))
+            prefills=ObservedDeadline(cfg.prefill_floor_s, cfg.request_timeout_s, warmup=4),
+            prefix_view=self.prefix_view)
         flow = RequestFlow(parts, self.tokenizer, cfg.request_timeout_s, cfg.migration_limit,
                            self.model_cfg.eos_token_id, context)
         self.usage = UsagePublisher(js, spool_dir=cfg.usage_spool_dir or None)
@@ -140,6 +148,7 @@ class RouterService(Service):
             await self.http.stop()
         await self.usage.close()
         await self.sub.unsubscribe()
+        await self.prefix_sub.unsubscribe()
         await self.channels.close()
 
 

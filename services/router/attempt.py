@@ -33,6 +33,7 @@ from services.protos_gen.epserve.v1 import inference_pb2, serving_pb2, serving_p
 from services.router import metrics
 from services.router.choice import InstanceChooser, NoInstance
 from services.router.instances import DECODE, PREFILL, InstanceView
+from services.router.prefix_view import PrefixCacheView
 
 log = structlog.get_logger("router")
 # Codes with which an instance says "not me, not now": try another one.
@@ -75,6 +76,7 @@ class Parts:
     instance_wait_s: float  # how long to wait for an eligible instance that is restarting
     token_gaps: ObservedDeadline  # between two tokens of a stream (and before the first)
     prefills: ObservedDeadline  # one Prefill call, by prompt tokens
+    prefix_view: PrefixCacheView | None = None  # what prefill instances' caches hold
 
 
 @dataclass(frozen=True)
@@ -276,10 +278,11 @@ class Attempt:
     async def _prefill(self, decode_endpoint: str) -> serving_pb2.PrefillResult | None:
         p, plan, rid = self.p, self.plan, self.plan.request_id
         avoid: set[str] = set()
+        cached = p.prefix_view.cached_tokens(plan.prompt_ids) if p.prefix_view else None
         for attempt in range(1 + p.prefill_retries):
             eligible = await self._eligible(PREFILL)
             try:
-                inst = p.chooser.choose_prefill(eligible, len(plan.prompt_ids), avoid)
+                inst = p.chooser.choose_prefill(eligible, len(plan.prompt_ids), avoid, cached)
             except NoInstance as exc:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
                                     f"{rid}: {exc}; {p.view.describe(PREFILL, p.clock())}"

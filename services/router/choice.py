@@ -8,7 +8,7 @@ refused this request) unless `avoid` would leave nothing and the caller allows a
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from services.balance.decode_lb import DecodeBalancer, DecodeBalancerConfig
 from services.balance.prefill_lb import PrefillBalancer
@@ -43,14 +43,16 @@ class InstanceChooser:
         return _by_id(candidates, chosen)
 
     def choose_prefill(self, eligible: Sequence[Instance], prompt_len: int,
-                       avoid: Collection[str] = ()) -> Instance:
-        """A prefill instance, preferably not in `avoid`; one in it when it is the only one."""
+                       avoid: Collection[str] = (), cached: Mapping[str, int] | None = None
+                       ) -> Instance:
+        """A prefill instance, preferably not in `avoid`; one in it when it is the only one.
+        `cached`: prompt tokens each instance's prefix cache holds (the balancer weighs them)."""
         candidates = [i for i in eligible if i.instance_id not in avoid] or list(eligible)
         if not candidates:
             raise NoInstance(_none_left(PREFILL, eligible, avoid))
         if self.mode == "rr":
             return self._round_robin(PREFILL, candidates)
-        chosen = self.prefill_balancer.choose(prefill_loads(candidates), prompt_len)
+        chosen = self.prefill_balancer.choose(prefill_loads(candidates), prompt_len, cached)
         return _by_id(candidates, chosen)
 
     # Ledger bookkeeping (the balancers estimate load between reports from it). Called in

@@ -121,6 +121,23 @@ def decode(name, used, total=1000, running=0, **kw):
     )
 
 
+def test_prefill_prefers_the_instance_holding_the_prompts_prefix():
+    lb = PrefillBalancer()
+    idle = [PrefillInstanceLoad("a"), PrefillInstanceLoad("b")]
+    assert lb.choose(idle, 1000) == "a"  # a tie: the id decides
+    assert lb.choose(idle, 1000, cached={"b": 960}) == "b"
+    assert lb.choose(idle, 1000, cached={"b": 5000}) == "b"  # capped at the prompt
+
+
+def test_prefill_gives_up_a_cached_prefix_on_a_loaded_instance():
+    loaded = [PrefillInstanceLoad("a"), PrefillInstanceLoad("b", queued_tokens=20_000,
+                                                             attention_cost=4e8)]
+    assert PrefillBalancer().choose(loaded, 1000, cached={"b": 960}) == "a"
+    lightly = [PrefillInstanceLoad("a"), PrefillInstanceLoad("b", queued_tokens=200,
+                                                              attention_cost=4e4)]
+    assert PrefillBalancer().choose(lightly, 1000, cached={"b": 960}) == "b"
+
+
 def test_decode_balances_kv_fraction_and_request_count():
     balancer = DecodeBalancer()
     # "b" uses fewer blocks in absolute terms but a larger fraction of its smaller cache.
