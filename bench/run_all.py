@@ -1,10 +1,13 @@
-"""`make bench`: every benchmark, one after another, each printing its own table."""
+"""`make bench`: every benchmark, one after another, each printing its own table; what they
+record() is written to bench/results.json."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from bench import results
 
 # (module, accepts --model)
 BENCHMARKS = (
@@ -14,6 +17,7 @@ BENCHMARKS = (
     ("bench.bench_eplb", False),
     ("bench.bench_request_lb", False),
     ("bench.bench_cluster", True),
+    ("bench.bench_prefix_cache", True),
 )
 
 
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         mod = importlib.import_module(name)
         mod.main(["--model", args.model] if takes_model else [])
         sys.stdout.flush()
+    print(f"\nresults: {results.write()}")
     return 0
 
 

@@ -24,6 +24,9 @@ class PrefillConfig(AttentionConfig):
     kv_cache_namespace: str = field(default="", metadata={
         "help": "page-key namespace instead of the weights' fingerprint (a name for the model "
                 "version; instances must agree)"})
+    kv_cache_read_delay_s: float = field(default=0.0, metadata={
+        "help": "fault injection: every page read from disk takes this much longer (a slow "
+                "store; the cache then reads only what beats recomputing)"})
     kv_cache_rescan_s: float = field(default=30.0, metadata={
         "help": "re-read the directory this often (pages other instances wrote or evicted)"})
 
@@ -33,5 +36,7 @@ class PrefillConfig(AttentionConfig):
             raise ValueError("--max-batch-tokens and --max-queue must be > 0")
         if self.kv_cache_bytes <= 0 or self.kv_cache_memory_bytes < 0:
             raise ValueError("--kv-cache-bytes must be > 0 and --kv-cache-memory-bytes >= 0")
+        if self.kv_cache_read_delay_s < 0:
+            raise ValueError("--kv-cache-read-delay-s must be >= 0")
         if not self.kv_cache_rescan_s > 0:
             raise ValueError("--kv-cache-rescan-s must be > 0")

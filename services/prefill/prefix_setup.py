@@ -30,7 +30,8 @@ class PrefixSetup:
         self.fingerprint = cfg.kv_cache_namespace or model_fingerprint(cfg.model)
         self.layout = kv_layout(model_cfg.num_hidden_layers, model_cfg.latent_dim, dtype)
         namespace = namespace_key(self.fingerprint, self.layout)
-        self.disk = DiskPageStore(Path(cfg.kv_cache_dir), cfg.kv_cache_bytes, namespace)
+        self.disk = DiskPageStore(Path(cfg.kv_cache_dir), cfg.kv_cache_bytes, namespace,
+                                  read_delay_s=cfg.kv_cache_read_delay_s)
         self.disk.scan()  # a restart keeps the pages written before it
         self.cache = PrefixCache(namespace,
                                  (model_cfg.num_hidden_layers, model_cfg.latent_dim, dtype),

@@ -75,10 +75,13 @@ def _is_shard(name: str) -> bool:
 
 class DiskPageStore:
     def __init__(self, root: Path, budget_bytes: int, namespace: bytes, *,
-                 scan_on_start: bool = False, clock: Callable[[], float] = time.time) -> None:
+                 scan_on_start: bool = False, clock: Callable[[], float] = time.time,
+                 read_delay_s: float = 0.0) -> None:
         """Call scan() (or pass scan_on_start) at start to index the pages already on disk:
         until then only the pages this instance writes or reads count against the budget.
-        `clock` gives wall-clock seconds: last uses are compared with file mtimes."""
+        `clock` gives wall-clock seconds: last uses are compared with file mtimes.
+        `read_delay_s` is fault injection (a slow store: every page read takes this long
+        more), for the benchmark that checks a slow disk never makes a hit slower."""
         if budget_bytes < 0:
             raise ValueError("budget_bytes must be >= 0")
         if len(namespace) != KEY_BYTES:
@@ -87,6 +90,7 @@ class DiskPageStore:
         self.budget_bytes = budget_bytes
         self.namespace = namespace
         self._clock = clock
+        self.read_delay_s = read_delay_s
         self._index = PageIndex()
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
@@ -193,6 +197,8 @@ class DiskPageStore:
         """The verified payload, or None: missing, or damaged (quarantined and counted)."""
         path = self.path(key)
         start = time.perf_counter()
+        if self.read_delay_s:
+            time.sleep(self.read_delay_s)
         try:
             with open(path, "rb") as f:
                 data = f.read()
