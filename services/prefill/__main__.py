@@ -33,7 +33,7 @@ class PrefillService(AttentionService):
             self.reuse = PrefixReuse(self.prefix.cache)
         self.core = PrefillCore(self.model_cfg, self.engine.forward, self.dtype, cfg.device,
                                 cfg.max_batch_tokens, cfg.max_queue, cfg.block_size,
-                                prefix=self.reuse)
+                                prefix=self.reuse, chunk_tokens=cfg.chunk_tokens)
         self.servicer = PrefillServicer(self.core, self.instance_id, cfg.transfer_timeout_s,
                                         cfg.kv_chunk_bytes)
 

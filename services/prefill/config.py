@@ -11,6 +11,9 @@ from services.attention.config import AttentionConfig
 class PrefillConfig(AttentionConfig):
     max_batch_tokens: int = field(default=4096, metadata={"help": "most prompt tokens per batch"})
     max_queue: int = field(default=256, metadata={"help": "most prompts waiting"})
+    chunk_tokens: int = field(default=2048, metadata={
+        "help": "a prompt longer than this is prefilled alone, in chunks of this many tokens "
+                "(attention memory bounded by chunk x prompt length)"})
     block_size: int = field(default=64, metadata={"help": "tokens per KV block"})
     transfer_timeout_s: float = field(default=30.0, metadata={"help": "KV transfer deadline"})
     kv_chunk_bytes: int = field(default=1 << 20, metadata={"help": "bytes per KV chunk"})
@@ -32,8 +35,8 @@ class PrefillConfig(AttentionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_batch_tokens <= 0 or self.max_queue <= 0:
-            raise ValueError("--max-batch-tokens and --max-queue must be > 0")
+        if self.max_batch_tokens <= 0 or self.max_queue <= 0 or self.chunk_tokens <= 0:
+            raise ValueError("--max-batch-tokens, --max-queue and --chunk-tokens must be > 0")
         if self.kv_cache_bytes <= 0 or self.kv_cache_memory_bytes < 0:
             raise ValueError("--kv-cache-bytes must be > 0 and --kv-cache-memory-bytes >= 0")
         if self.kv_cache_read_delay_s < 0:

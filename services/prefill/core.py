@@ -53,9 +53,11 @@ class PrefillOutput:
 class PrefillCore:
     def __init__(self, cfg: ModelConfig, forward: Forward, dtype: torch.dtype, device,
                  max_batch_tokens: int = 4096, max_queue: int = 256, block_size: int = 64,
-                 prefix: PrefixReuse | None = None) -> None:
+                 prefix: PrefixReuse | None = None, chunk_tokens: int = 2048) -> None:
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.cfg, self.forward, self.dtype, self.device = cfg, forward, dtype, device
-        self.prefix = prefix
+        self.prefix, self.chunk_tokens = prefix, chunk_tokens
         self.max_batch_tokens, self.max_queue, self.block_size = max_batch_tokens, max_queue, block_size
         self.queue: deque[PrefillJob] = deque()
         self.running: list[PrefillJob] = []
@@ -78,16 +80,20 @@ class PrefillCore:
         self._task = asyncio.create_task(self._loop())
 
     def _take_batch(self) -> list[PrefillJob]:
+        """Queued prompts up to max_batch_tokens; a prompt longer than chunk_tokens runs alone,
+        in chunks."""
         batch, tokens = [], 0
         while self.queue:
             n = len(self.queue[0].prompt_ids)
-            if batch and tokens + n > self.max_batch_tokens:
+            if batch and (tokens + n > self.max_batch_tokens or n > self.chunk_tokens):
                 break
             job = self.queue.popleft()
             if job.done.cancelled():
                 continue
             batch.append(job)
             tokens += n
+            if n > self.chunk_tokens:
+                break
         return batch
 
     async def _loop(self) -> None:
@@ -115,13 +121,16 @@ class PrefillCore:
             for job, hit, past in zip(jobs, hits, pasts, strict=True):
                 if past > 0:
                     cache.write(job.request_id, hit.latent[:, :past])
-            batch = cache.batch([SeqChunk(j.request_id, past, len(j.prompt_ids) - past)
-                                 for j, past in zip(jobs, pasts, strict=True)])
-            ids = torch.tensor([t for j, past in zip(jobs, pasts, strict=True)
-                                for t in j.prompt_ids[past:]], dtype=torch.long)
-            metrics.BATCH_TOKENS.observe(ids.numel())
             t_forward = time.perf_counter()
-            logits = (await self.forward(ids, batch, cache.layers)).float().cpu()
+            if len(jobs) == 1 and len(jobs[0].prompt_ids) - pasts[0] > self.chunk_tokens:
+                logits = await self._chunked(jobs[0], pasts[0], cache)
+            else:
+                batch = cache.batch([SeqChunk(j.request_id, past, len(j.prompt_ids) - past)
+                                     for j, past in zip(jobs, pasts, strict=True)])
+                ids = torch.tensor([t for j, past in zip(jobs, pasts, strict=True)
+                                    for t in j.prompt_ids[past:]], dtype=torch.long)
+                metrics.BATCH_TOKENS.observe(ids.numel())
+                logits = (await self.forward(ids, batch, cache.layers)).float().cpu()
         except Exception as exc:
             log.error("prefill_batch_failed", error=str(exc), requests=len(jobs))
             for j in jobs:
@@ -131,7 +140,8 @@ class PrefillCore:
         seconds = time.perf_counter() - t0
         self.batches += 1
         if self.prefix is not None:
-            self.prefix.observe_prefill(ids.numel(), time.perf_counter() - t_forward)
+            computed = sum(len(j.prompt_ids) - past for j, past in zip(jobs, pasts, strict=True))
+            self.prefix.observe_prefill(computed, time.perf_counter() - t_forward)
         for job, hit, row in zip(jobs, hits, logits, strict=True):
             if job.done.done():
                 continue
@@ -142,6 +152,22 @@ class PrefillCore:
             if self.prefix is not None:
                 self.prefix.store_later(job.prompt_ids, latent)
             job.done.set_result(PrefillOutput(token, latent, seconds, cached_tokens=hit.tokens))
+
+    async def _chunked(self, job: PrefillJob, past: int, cache: LatentKVCache) -> torch.Tensor:
+        """Chunked prefill: the prompt from `past` on in pieces of chunk_tokens, each attending
+        to the KV of those before it, so a step's attention scores are bounded by chunk_tokens
+        x prompt length instead of prompt length squared. The last piece's logits are the
+        prompt's."""
+        n, at = len(job.prompt_ids), past
+        while True:
+            take = min(self.chunk_tokens, n - at)
+            batch = cache.batch([SeqChunk(job.request_id, at, take)])
+            ids = torch.tensor(job.prompt_ids[at:at + take], dtype=torch.long)
+            metrics.BATCH_TOKENS.observe(take)
+            logits = await self.forward(ids, batch, cache.layers)
+            at += take
+            if at == n:
+                return logits.float().cpu()
 
     def load(self) -> InstanceLoad:
         jobs = list(self.queue) + self.running

@@ -1,6 +1,7 @@
 """The prefix KV cache through the real cluster: two prefill instances share one directory;
 hits are billed in whole pages from token 0, warm outputs equal the cold run and the reference
 engine token for token, corrupt pages are misses, and hits survive a restart of everything.
+(With chunked prefill on: long prompts in 64-token chunks.)
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def cache_dir(tmp_path_factory):
 
 def spec(model_dir, cache_dir) -> ClusterSpec:
     """No memory tier: every hit is read from the shared directory (so a corrupt file is
-    read, and a page one instance wrote is what the other one hits)."""
+    read, and a page one instance wrote is what the other one hits). Chunked prefill at 64
+    tokens: every prompt here longer than that is prefilled in chunks, after its cached
+    prefix, and still equals the reference engine's unchunked prefill."""
     return ClusterSpec(model=str(model_dir), prefill=2, decode=1, expert_workers=2,
                        kv_blocks=64, kv_cache_dir=str(cache_dir), kv_cache_memory_bytes=0,
-                       http_port=0)
+                       http_port=0, extra={"prefill": ("--chunk-tokens", "64")})
 
 
 @pytest.fixture(scope="module")
