@@ -4,7 +4,9 @@ the tests and the benchmarks. Streams are assembled into one `RemoteCompletion` 
 
 from __future__ import annotations
 
+import itertools
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -46,14 +48,22 @@ def _router_verdict(exc: grpc.aio.AioRpcError) -> bool:
     return ("epserve-verdict", "router") in tuple(exc.trailing_metadata() or ())
 
 
+def unique_prefix(kind: str) -> str:
+    """A request-id prefix no other client process or run shares (random, 48 bits)."""
+    return f"{kind}-{uuid.uuid4().hex[:12]}"
+
+
 class InferenceClient:
     """`endpoint`: one router's host:port, or several separated by commas. A request whose
     router fails with UNAVAILABLE is retried, or resumed mid-stream, on the next router, each
     router at most once per request; the completion is one stream either way (greedy and
     seeded output as one router would give it; a request sampled without a seed is resumed
-    with a fresh one)."""
+    with a fresh one).
 
-    def __init__(self, endpoint: str) -> None:
+    A request given no id gets `<id_prefix>-<n>`: unique to this client (the prefix is random
+    unless given), and the same on every router it is sent to."""
+
+    def __init__(self, endpoint: str, id_prefix: str = "") -> None:
         self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
         if not self.endpoints:
             raise ValueError("no router endpoint given")
@@ -63,6 +73,8 @@ class InferenceClient:
         self.stubs = [inference_pb2_grpc.InferenceStub(c) for c in self.channels]
         self.channel, self.stub = self.channels[0], self.stubs[0]
         self._next = 0  # requests start on the routers in turn
+        self.id_prefix = id_prefix or unique_prefix("client")
+        self._ids = itertools.count()
 
     async def __aenter__(self) -> InferenceClient:
         return self
@@ -85,6 +97,7 @@ class InferenceClient:
                        params: SamplingParams | None = None, model: str = "",
                        timeout: float | None = 300.0) -> RemoteCompletion:
         """One request to completion. A gRPC error propagates as grpc.aio.AioRpcError."""
+        request_id = request_id or self.new_request_id()
         req = inference_pb2.GenerateRequest(
             request_id=request_id, model=model, prompt=prompt, prompt_ids=prompt_ids or [],
             messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages or ()],
@@ -103,6 +116,9 @@ class InferenceClient:
                 del req.resume_token_ids[:]
                 req.resume_token_ids.extend(out.token_ids)
         raise AssertionError("unreachable")
+
+    def new_request_id(self) -> str:
+        return f"{self.id_prefix}-{next(self._ids)}"
 
     async def _generate_on(self, router: int, req, timeout, out: RemoteCompletion,
                            pieces: list[str], t0: float) -> RemoteCompletion:

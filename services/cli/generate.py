@@ -49,6 +49,9 @@ def register(subparsers) -> None:
                    help="use running expert workers: host:port,... in rank order")
     p.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp8"],
                    help="dispatch/combine format: fp32, bf16, or fp8 dispatch + bf16 combine")
+    p.add_argument("--request-id", action="append", default=[],
+                   help="with --endpoint: the request id of each prompt, in order (--prompt-ids "
+                        "first, then --prompt); default: cli-<random>-<n>, unique per run")
     add_sampling_args(p)
     p.set_defaults(func=_run)
 
@@ -136,22 +139,34 @@ async def _generate_remote(args: argparse.Namespace, params: SamplingParams) -> 
     """Every prompt sent concurrently to the router; text prompts are tokenised there."""
     import grpc
 
-    from services.client import InferenceClient
+    from services.client import InferenceClient, unique_prefix
 
     prompts = [{"prompt_ids": _ids(p, "--prompt-ids")} for p in args.prompt_ids]
     prompts += [{"messages": [("user", t)]} if args.chat else {"prompt": t} for t in args.prompt]
     if not prompts:
         raise CliError("give --prompt TEXT or --prompt-ids 1,2,3")
+    ids = request_ids(args.request_id, len(prompts), unique_prefix("cli"))
     async with InferenceClient(args.endpoint) as client:
         try:
-            done = await asyncio.gather(*(client.generate(f"cli-{i}", params=params, **p)
-                                          for i, p in enumerate(prompts)))
+            done = await asyncio.gather(*(client.generate(rid, params=params, **p)
+                                          for rid, p in zip(ids, prompts, strict=True)))
         except grpc.aio.AioRpcError as exc:
             raise CliError(f"{exc.code().name}: {exc.details()}") from exc
     return [{"request_id": c.request_id, "token_ids": c.token_ids, "text": c.text,
              "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
              "completion_tokens": len(c.token_ids), "ttft_s": round(c.ttft_s, 4)}
             for c in done]
+
+
+def request_ids(given: list[str], prompts: int, prefix: str) -> list[str]:
+    """The ids the user gave (one per prompt), or `<prefix>-<n>`: a run's own prefix, so two
+    runs at once never send one id twice (the router refuses a duplicate: ALREADY_EXISTS)."""
+    if not given:
+        return [f"{prefix}-{i}" for i in range(prompts)]
+    if len(given) != prompts or len(set(given)) != len(given):
+        raise CliError(f"give one distinct --request-id per prompt ({prompts}), got "
+                       f"{len(given)}: {', '.join(given)}")
+    return list(given)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -166,6 +181,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise CliError("give --model DIR (local) or --endpoint HOST:PORT (a running cluster)")
+    if args.request_id:
+        raise CliError("--request-id names requests sent to a cluster: it needs --endpoint")
     if not Path(args.model).is_dir():
         raise CliError(f"model directory {args.model!r} does not exist")
     remote = bool(args.expert_workers or args.expert_endpoints)

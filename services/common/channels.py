@@ -23,8 +23,16 @@ def insecure_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=GRPC_OPTIONS)
+def new_server(max_receive_bytes: int | None = None) -> grpc.aio.Server:
+    """`max_receive_bytes`: a smaller limit on the requests this server takes (a service's
+    public edge, where nothing legitimate is large); larger ones fail RESOURCE_EXHAUSTED."""
+    if max_receive_bytes is None:
+        return grpc.aio.server(options=GRPC_OPTIONS)
+    if not 0 < max_receive_bytes <= MAX_MESSAGE_BYTES:
+        raise ValueError(f"max_receive_bytes must be in (0, {MAX_MESSAGE_BYTES}], "
+                         f"got {max_receive_bytes}")
+    return grpc.aio.server(options=(("grpc.max_receive_message_length", max_receive_bytes),
+                                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)))
 
 
 class Channels:

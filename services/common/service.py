@@ -4,7 +4,8 @@ A service is a subclass of `Service` that fills in a few hooks; `run()` does the
 same order for all six services:
 
 start   logging -> NATS (when configured) -> `setup()` (build the core: load weights, open
-        buckets) -> gRPC server with health (NOT_SERVING) and `add_servicers()` -> Prometheus
+        buckets) -> gRPC server with health (NOT_SERVING), `add_servicers()` and reflection
+        for what they registered (services/common/reflection.py) -> Prometheus
         /metrics -> heartbeats (STARTING) -> `until_ready()` (wait for peers: topology,
         instances) -> port file -> heartbeats SERVING -> health SERVING.
 serve   until SIGTERM/SIGINT (a second signal is ignored, see shutdown.py).
@@ -33,6 +34,7 @@ from services.common.health import ServiceHealth, add_health
 from services.common.heartbeat import HeartbeatPublisher
 from services.common.logging import LEVELS, configure_logging
 from services.common.metrics_http import start_metrics_http
+from services.common.reflection import ServiceNames, add_reflection
 from services.common.shutdown import StopEvent, bounded, drain, install_signal_handlers
 from services.protos_gen.epserve.v1 import control_pb2
 
@@ -108,6 +110,10 @@ class Service:
     def add_servicers(self, server: grpc.aio.Server) -> None:
         """Register this service's gRPC servicers."""
 
+    def max_request_bytes(self) -> int | None:
+        """The largest request message the gRPC server takes (None: channels' one limit)."""
+        return None
+
     def heartbeat_fields(self) -> dict:
         """Extra HeartbeatPublisher arguments: load=, rank=, placement_version=, endpoint=."""
         return {}
@@ -139,9 +145,11 @@ class Service:
         if cfg.nats_url:
             self.nc = await connect(cfg.nats_url, self.instance_id)
         await self.setup()
-        self.server = new_server()
+        self.server = new_server(self.max_request_bytes())
         self.health = await add_health(self.server)
-        self.add_servicers(self.server)
+        registered = ServiceNames(self.server)
+        self.add_servicers(registered)
+        add_reflection(self.server, registered.names)
         self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         await self.server.start()
         if cfg.metrics_port >= 0:

@@ -30,6 +30,7 @@ from services.router.admission import Admission
 from services.router.attempt import Parts
 from services.router.choice import InstanceChooser
 from services.router.config import RouterConfig
+from services.router.encoder_pool import EncoderPool, longest_token_bytes
 from services.router.flow import RequestFlow
 from services.router.instances import DECODE, PREFILL, ROLES, InstanceReport, InstanceView
 from services.router.openai_http import OpenAIHttp
@@ -80,8 +81,13 @@ class RouterService(Service):
         super().__init__(cfg)
         self.model_cfg = ModelConfig.from_dir(cfg.model)
         self.tokenizer = Tokenizer.from_dir(cfg.model)
-        self.limits = ModelLimits(cfg.served_model_name, self.model_cfg.max_position_embeddings,
-                                  self.model_cfg.vocab_size)
+        context = self.model_cfg.max_position_embeddings
+        prompt_limit = cfg.prompt_bytes_limit(context, longest_token_bytes(self.tokenizer))
+        self.limits = ModelLimits(cfg.served_model_name, context, self.model_cfg.vocab_size,
+                                  prompt_limit)
+        self.request_limit = cfg.request_bytes_limit(prompt_limit)
+        self.encoder = EncoderPool.from_dir(cfg.model, self.tokenizer, cfg.tokenize_threads,
+                                            cfg.max_inflight)
         self.view = InstanceView(cfg.dead_after_s)
         self.admission = Admission(cfg.max_inflight)
         self.channels = Channels()
@@ -110,11 +116,14 @@ class RouterService(Service):
                            self.model_cfg.eos_token_id, context)
         self.usage = UsagePublisher(js, spool_dir=cfg.usage_spool_dir or None)
         await self.usage.start()  # records an earlier process spooled go out now
-        self.gateway = Gateway(self.limits, self.tokenizer, self.admission, flow, self.usage)
+        self.gateway = Gateway(self.limits, self.encoder, self.admission, flow, self.usage)
 
     def add_servicers(self, server) -> None:
         inference_pb2_grpc.add_InferenceServicer_to_server(
             RouterServicer(self.gateway, self.model_cfg), server)
+
+    def max_request_bytes(self) -> int:
+        return self.request_limit
 
     def heartbeat_fields(self) -> dict:
         return {"load": lambda: control_pb2.InstanceLoad(
@@ -123,7 +132,7 @@ class RouterService(Service):
     async def until_ready(self) -> None:
         cfg = self.cfg
         if cfg.http_port >= 0:
-            self.http = OpenAIHttp(self.gateway, self.model_cfg)
+            self.http = OpenAIHttp(self.gateway, self.model_cfg, self.request_limit)
             await self.http.start(cfg.host, cfg.http_port)
         # SERVING only once a request can be served: a load balancer that sends this router
         # its first request before then would get "0 of 0 prefill instances eligible".
@@ -134,7 +143,9 @@ class RouterService(Service):
                                f"{self.view.describe(DECODE, now)})")
 
     def ready_fields(self) -> dict:
-        return {"model": self.limits.name, "http_port": self.http.port if self.http else None}
+        return {"model": self.limits.name, "http_port": self.http.port if self.http else None,
+                "max_prompt_bytes": self.limits.max_prompt_bytes,
+                "max_request_bytes": self.request_limit}
 
     def begin_drain(self) -> None:
         self.admission.start_draining()
@@ -150,6 +161,7 @@ class RouterService(Service):
         await self.sub.unsubscribe()
         await self.prefix_sub.unsubscribe()
         await self.channels.close()
+        self.encoder.close()
 
 
 async def serve(cfg: RouterConfig) -> int:

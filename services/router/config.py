@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.channels import MAX_MESSAGE_BYTES
 from services.common.service import ServiceConfig
 
 BALANCERS = ("load", "rr")
@@ -29,6 +30,18 @@ class RouterConfig(ServiceConfig):
     instance_wait_s: float = field(default=300.0, metadata={
         "help": "at start, SERVING only once a prefill and a decode instance are eligible; "
                 "none after this long: exit (1) to be restarted"})
+    # work before admission (checked before anything is tokenised)
+    max_prompt_bytes: int = field(default=0, metadata={
+        "help": "longest prompt tokenised, in UTF-8 bytes (the text, or the chat turns' roles "
+                "and contents); longer: INVALID_ARGUMENT / HTTP 400 at once. 0 = the model's "
+                "context x its longest token in bytes, the most that can fit the context"})
+    max_request_bytes: int = field(default=0, metadata={
+        "help": "largest HTTP body and gRPC request message; larger: HTTP 413 / "
+                "RESOURCE_EXHAUSTED before parsing. 0 = 6 x the prompt limit + 1 MiB (a prompt "
+                "at the limit with every byte JSON-escaped, and the rest of the request)"})
+    tokenize_threads: int = field(default=2, metadata={
+        "help": "threads tokenising prompts off the event loop; at most --max-inflight "
+                "prompts tokenise or wait at once, more: RESOURCE_EXHAUSTED / HTTP 429"})
     # requests
     request_timeout_s: float = field(default=300.0, metadata={
         "help": "deadline of one request end to end (every internal call inherits it)"})
@@ -66,6 +79,13 @@ class RouterConfig(ServiceConfig):
             raise ValueError("--dead-after-missed must be >= 1")
         if self.instance_wait_s < 0:
             raise ValueError("--instance-wait-s must be >= 0")
+        if self.max_prompt_bytes < 0 or self.max_request_bytes < 0:
+            raise ValueError("--max-prompt-bytes and --max-request-bytes must be >= 0 "
+                             "(0 = derived from the model)")
+        if not 0 <= self.max_request_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(f"--max-request-bytes must be at most {MAX_MESSAGE_BYTES}")
+        if self.tokenize_threads < 1:
+            raise ValueError(f"--tokenize-threads must be >= 1, got {self.tokenize_threads}")
         if not self.request_timeout_s > 0:
             raise ValueError("--request-timeout-s must be > 0")
         if self.prefill_retries < 0:
@@ -84,6 +104,18 @@ class RouterConfig(ServiceConfig):
     @property
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model).resolve().name
+
+    def prompt_bytes_limit(self, context_length: int, longest_token_bytes: int) -> int:
+        """--max-prompt-bytes, or the most bytes a prompt that fits the context can have: every
+        token stands for at most `longest_token_bytes` bytes, so a text of more than context x
+        that many bytes has more tokens than the context holds (it is refused untokenised)."""
+        return self.max_prompt_bytes or context_length * longest_token_bytes
+
+    def request_bytes_limit(self, prompt_bytes_limit: int) -> int:
+        """--max-request-bytes, or room for a prompt at the limit JSON-escaped byte by byte
+        (\\u00XX: six each) and 1 MiB for the rest (never above the gRPC message limit)."""
+        return self.max_request_bytes or min(6 * prompt_bytes_limit + (1 << 20),
+                                             MAX_MESSAGE_BYTES)
 
     @property
     def dead_after_s(self) -> float:

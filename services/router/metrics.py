@@ -6,6 +6,8 @@ LATENCY_BUCKETS = (5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 3
 
 REQUESTS = Counter("epserve_router_requests_total", "generate requests by outcome", ["outcome"])
 IN_FLIGHT = Gauge("epserve_router_in_flight", "requests admitted and not finished")
+PROMPTS_ENCODING = Gauge("epserve_router_prompts_encoding",
+                         "prompts being tokenised or waiting for a tokenising thread")
 PROMPT_TOKENS = Counter("epserve_router_prompt_tokens_total", "prompt tokens of admitted requests")
 COMPLETION_TOKENS = Counter("epserve_router_completion_tokens_total", "tokens streamed to clients")
 TTFT = Histogram("epserve_router_ttft_seconds", "time to first token", buckets=LATENCY_BUCKETS)

@@ -1,17 +1,21 @@
 """OpenAI-compatible HTTP front end of the router (`--http-port`): what vLLM and SGLang users
-point their clients at.
+point their clients at, shaped as OpenAI's published OpenAPI document says (tests validate
+every body against it: tests/integration/test_openai_conformance.py).
 
-    GET  /v1/models
+    GET  /v1/models, /v1/models/{model}
     POST /v1/completions        prompt: string | [token ids]; stream: bool
     POST /v1/chat/completions   messages: [{role, content}]; stream: bool
     GET  /health
 
 It shares the gRPC front end's Gateway (validation, admission, flow, usage records), so both
-APIs behave the same. Errors are JSON `{"error": {"message", "type", "code"}}` with HTTP 400
-(invalid), 429 (at capacity), 503 (draining / no instance), 500/502/504 otherwise. Streaming is
-server-sent events ending with `data: [DONE]`. Supported fields: max_tokens (default 16),
-temperature, top_p, seed, stop_token_ids and the extensions top_k and ignore_eos; `n` must be 1;
-`stop` strings, logprobs and tools are refused with a 400 rather than silently ignored.
+APIs behave the same. Errors are OpenAI's ErrorResponse `{"error": {"message", "type", "param",
+"code"}}` (`param` names the parameter at fault, null when none) with HTTP 400 (invalid), 404
+(unknown model or route), 413 (body over --max-request-bytes, refused unread), 429 (at
+capacity), 503 (draining / no instance), 500/502/504 otherwise. Streaming is server-sent events
+ending with `data: [DONE]`; with `stream_options.include_usage` the usage comes in a last chunk
+of its own with empty `choices` (chat chunks before it carry `"usage": null`; completion chunks
+leave it out, the document having no null usage there). Which parameters are served, accepted
+at their defaults only, or refused: services/router/openai_params.py.
 """
 
 from __future__ import annotations
@@ -20,85 +24,75 @@ import json
 import time
 
 import grpc
+import structlog
 from aiohttp import web
 
+from services.protos_gen.epserve.v1 import inference_pb2
 from services.router.flow import RequestFailed
+from services.router.openai_params import BadRequest, OpenAIRequest, parse_body
 from services.router.server import Gateway, new_request_id
-from services.router.validation import ChatTurn, RawRequest
+from services.router.validation import InvalidRequest
 
+log = structlog.get_logger("router")
 STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.ALREADY_EXISTS: 409,
           grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
           grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.DATA_LOSS: 502}
-UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "tools", "tool_choice", "response_format",
-               "suffix", "echo", "best_of", "logit_bias")
 
 
-class BadRequest(ValueError):
-    pass
+def error_object(status: int, message: str, code: str | None, param: str | None = None
+                 ) -> dict:
+    kind = ("rate_limit_error" if status == 429 else "server_error" if status >= 500 else
+            "invalid_request_error")
+    return {"message": message, "type": kind, "param": param, "code": code}
 
 
-def _error(status: int, message: str, code: str) -> web.Response:
-    kind = "invalid_request_error" if status < 500 and status != 429 else (
-        "rate_limit_error" if status == 429 else "server_error")
-    return web.json_response({"error": {"message": message, "type": kind, "code": code}},
-                             status=status)
+def _error(status: int, message: str, code: str | None, param: str | None = None,
+           rid: str = "") -> web.Response:
+    return web.json_response({"error": error_object(status, message, code, param)},
+                             status=status, headers={"X-Request-Id": rid} if rid else None)
 
 
-def _number(body: dict, key: str, kind, default=None):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise BadRequest(f"{key} must be a{'n integer' if kind is int else ' number'}, "
-                         f"got {value!r}")
-    return kind(value)
+def usage_object(usage: inference_pb2.Usage) -> dict:
+    """OpenAI's CompletionUsage from the gRPC Usage: the one place the HTTP usage is built.
+    The prefix-cache hits twice: OpenAI's `prompt_tokens_details.cached_tokens` and DeepSeek's
+    own `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens` (which add up to prompt_tokens)."""
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.prompt_cache_hit_tokens},
+            "prompt_cache_hit_tokens": usage.prompt_cache_hit_tokens,
+            "prompt_cache_miss_tokens": usage.prompt_cache_miss_tokens}
 
 
-def raw_from_body(body: object, chat: bool, request_id: str) -> RawRequest:
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    for key in UNSUPPORTED:
-        if body.get(key) not in (None, [], False):
-            raise BadRequest(f"{key!r} is not supported by epserve")
-    if _number(body, "n", int, 1) != 1:
-        raise BadRequest("n must be 1")
-    prompt, prompt_ids, messages = "", (), ()
-    if chat:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in msgs):
-            raise BadRequest("messages must be a list of {role, content} objects with string "
-                             "content")
-        messages = tuple(ChatTurn(m["role"], m["content"]) for m in msgs)
-    else:
-        p = body.get("prompt")
-        if isinstance(p, str):
-            prompt = p
-        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                         for t in p):
-            prompt_ids = tuple(p)
-        else:
-            raise BadRequest("prompt must be a string or a list of token ids")
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
-        raise BadRequest("stop_token_ids must be a list of integers")
-    seed = _number(body, "seed", int)
-    return RawRequest(
-        request_id=request_id, model=str(body.get("model") or ""), prompt=prompt,
-        prompt_ids=prompt_ids, messages=messages,
-        max_tokens=_number(body, "max_completion_tokens", int) or _number(body, "max_tokens", int,
-                                                                          16),
-        temperature=_number(body, "temperature", float, 1.0),
-        top_p=_number(body, "top_p", float), top_k=_number(body, "top_k", int, 0), seed=seed,
-        stop_token_ids=tuple(stop_ids), ignore_eos=bool(body.get("ignore_eos", False)))
+def _failure(exc: RequestFailed, req: OpenAIRequest) -> web.Response:
+    """A refusal or failure of the Gateway; a validation refusal names the body's parameter."""
+    cause = exc.__cause__
+    param = req.params.get(cause.param) if isinstance(cause, InvalidRequest) else None
+    if param == "model":
+        return _error(404, exc.message, "model_not_found", param, req.raw.request_id)
+    return _error(STATUS.get(exc.status, 500), exc.message, exc.code.lower(), param,
+                  req.raw.request_id)
+
+
+@web.middleware
+async def _errors_as_openai(request: web.Request, handler):
+    """aiohttp's own refusals (no route, wrong method, body too large) in OpenAI's shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, f"{request.method} {request.path}: {exc.reason}",
+                      exc.reason.lower().replace(" ", "_"))
 
 
 class OpenAIHttp:
-    def __init__(self, gateway: Gateway, model_cfg) -> None:
+    def __init__(self, gateway: Gateway, model_cfg, max_request_bytes: int) -> None:
         self.gateway, self.model_cfg = gateway, model_cfg
-        self.app = web.Application(client_max_size=16 << 20)
+        self.max_request_bytes = max_request_bytes
+        self.app = web.Application(client_max_size=max_request_bytes,
+                                   middlewares=[_errors_as_openai])
         self.app.add_routes([web.get("/v1/models", self.models),
+                             web.get("/v1/models/{model}", self.model),
                              web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat_completions),
                              web.get("/health", self.health)])
@@ -122,11 +116,20 @@ class OpenAIHttp:
             return _error(503, "draining", "unavailable")
         return web.json_response({"status": "ok"})
 
-    async def models(self, request: web.Request) -> web.Response:
+    def _model_object(self) -> dict:
         limits = self.gateway.limits
-        return web.json_response({"object": "list", "data": [{
-            "id": limits.name, "object": "model", "created": 0, "owned_by": "epserve",
-            "max_model_len": limits.context_length}]})
+        return {"id": limits.name, "object": "model", "created": 0, "owned_by": "epserve",
+                "max_model_len": limits.context_length}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_object()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self.gateway.limits.name:
+            return _error(404, f"the model {name!r} does not exist; this router serves "
+                               f"{self.gateway.limits.name!r}", "model_not_found", "model")
+        return web.json_response(self._model_object())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -134,43 +137,66 @@ class OpenAIHttp:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
 
+    async def _read(self, request: web.Request, rid: str):
+        """The body as JSON, or the error response; a body over the limit is refused unread."""
+        too_large = _error(413, f"{rid}: the body is larger than this router's limit of "
+                                f"{self.max_request_bytes} bytes (--max-request-bytes)",
+                           "request_too_large", None, rid)
+        if (request.content_length or 0) > self.max_request_bytes:
+            return None, too_large
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # chunked, no Content-Length to refuse it by
+            return None, too_large
+        try:
+            return json.loads(data), None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None, _error(400, f"{rid}: the body is not valid JSON", "invalid_json",
+                                None, rid)
+
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id") or new_request_id()
+        body, refusal = await self._read(request, rid)
+        if refusal is not None:
+            return refusal
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, f"{rid}: the body is not valid JSON", "invalid_json")
-        try:
-            raw = raw_from_body(body, chat, rid)
+            req = parse_body(body, chat, rid)
         except BadRequest as exc:
-            return _error(400, f"{rid}: {exc}", "invalid_request")
-        stream = bool(body.get("stream", False))
+            return _error(400, f"{rid}: {exc}", "invalid_request", exc.param, rid)
+        if req.user:
+            log.info("openai_request_user", request_id=rid, user=req.user[:128])
         kind = "chat.completion" if chat else "text_completion"
         created = int(time.time())
-        responses = self.gateway.generate(raw)
+        responses = self.gateway.generate(req.raw)
         try:
             try:
                 first = await anext(responses)  # refusals surface here, before any byte
             except RequestFailed as exc:
-                return _error(STATUS.get(exc.status, 500), exc.message, exc.code.lower())
+                return _failure(exc, req)
             except StopAsyncIteration:
-                return _error(500, f"{rid}: empty response", "internal")
-            if stream:
-                return await self._stream(request, rid, kind, created, chat, first, responses)
-            return await self._whole(rid, kind, created, chat, first, responses)
+                return _error(500, f"{rid}: empty response", "internal", None, rid)
+            if req.stream:
+                return await self._stream(request, req, created, chat, first, responses)
+            return await self._whole(req, kind, created, chat, first, responses)
         finally:
             # A client that goes away cancels this handler: closing the stream here runs the
             # request's cleanup at once (the decode slot is freed, the usage record written).
             await responses.aclose()
 
-    def _choice(self, chat: bool, text: str, finish: str | None, delta: bool) -> dict:
+    @staticmethod
+    def _choice(chat: bool, text: str, finish: str | None, delta: dict | None) -> dict:
+        """One choice; `delta` is None for a whole response, else the chunk's delta fields
+        besides the content (the first chat chunk names the role)."""
+        if chat and delta is None:
+            return {"index": 0, "message": {"role": "assistant", "content": text,
+                                            "refusal": None},
+                    "finish_reason": finish, "logprobs": None}
         if chat:
-            key = "delta" if delta else "message"
-            content = {"content": text} if delta else {"role": "assistant", "content": text}
-            return {"index": 0, key: content, "finish_reason": finish}
+            return {"index": 0, "delta": {**delta, "content": text}, "finish_reason": finish,
+                    "logprobs": None}
         return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
-    async def _whole(self, rid, kind, created, chat, first, responses) -> web.Response:
+    async def _whole(self, req, kind, created, chat, first, responses) -> web.Response:
         pieces, final = [], None
         try:
             async for resp in _chain(first, responses):
@@ -180,42 +206,42 @@ class OpenAIHttp:
                     final = resp.final
                     pieces.append(final.text)
         except RequestFailed as exc:
-            return _error(STATUS.get(exc.status, 500), exc.message, exc.code.lower())
-        usage = final.usage
+            return _failure(exc, req)
+        rid = req.raw.request_id
         return web.json_response({
             "id": rid, "object": kind, "created": created, "model": self.gateway.limits.name,
-            "choices": [self._choice(chat, "".join(pieces), final.finish_reason, False)],
-            "usage": {"prompt_tokens": usage.prompt_tokens,
-                      "completion_tokens": usage.completion_tokens,
-                      "total_tokens": usage.prompt_tokens + usage.completion_tokens}})
+            "choices": [self._choice(chat, "".join(pieces), final.finish_reason, None)],
+            "usage": usage_object(final.usage)}, headers={"X-Request-Id": rid})
 
-    async def _stream(self, request, rid, kind, created, chat, first, responses
+    async def _stream(self, request, req: OpenAIRequest, created, chat, first, responses
                       ) -> web.StreamResponse:
+        rid = req.raw.request_id
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                           "Cache-Control": "no-cache", "X-Request-Id": rid})
         await out.prepare(request)
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
         async def send(payload: dict) -> None:
             await out.write(f"data: {json.dumps(payload)}\n\n".encode())
 
-        base = {"id": rid, "object": chunk_kind, "created": created,
-                "model": self.gateway.limits.name}
+        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": self.gateway.limits.name}
+        if chat and req.include_usage:
+            base["usage"] = None  # as OpenAI: null on every chunk but the usage chunk
+        delta: dict | None = {"role": "assistant"}
         try:
             async for resp in _chain(first, responses):
                 if resp.WhichOneof("kind") == "delta":
                     await send({**base, "choices": [self._choice(chat, resp.delta.text, None,
-                                                                 True)]})
+                                                                 delta)]})
                 else:
-                    u = resp.final.usage
+                    final = resp.final
                     await send({**base, "choices": [self._choice(
-                        chat, resp.final.text, resp.final.finish_reason, True)],
-                        "usage": {"prompt_tokens": u.prompt_tokens,
-                                  "completion_tokens": u.completion_tokens,
-                                  "total_tokens": u.prompt_tokens + u.completion_tokens}})
+                        chat, final.text, final.finish_reason, delta)]})
+                    if req.include_usage:
+                        await send({**base, "choices": [], "usage": usage_object(final.usage)})
+                delta = {}
         except RequestFailed as exc:  # headers are sent: the error travels as an event
-            await send({"error": {"message": exc.message, "type": "server_error",
-                                  "code": exc.code.lower()}})
+            await send({"error": error_object(500, exc.message, exc.code.lower())})
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out

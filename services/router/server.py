@@ -1,9 +1,11 @@
 """gRPC shell of the router: the public `epserve.v1.Inference` API.
 
-Generate: validate (INVALID_ARGUMENT) -> admit (RESOURCE_EXHAUSTED beyond the bound) -> the
-request flow (services/router/flow.py) -> one usage record per admitted request that was
-served: finished, cancelled by the client, or failed after tokens were streamed (one that
-failed before its first token served nothing, and its client may retry it elsewhere).
+Generate: validate (INVALID_ARGUMENT; sizes on the event loop, tokenising on the encoder
+pool's threads, RESOURCE_EXHAUSTED when too many prompts wait for it) -> admit
+(RESOURCE_EXHAUSTED beyond the bound) -> the request flow (services/router/flow.py) -> one
+usage record per admitted request that was served: finished, cancelled by the client, or
+failed after tokens were streamed (one that failed before its first token served nothing, and
+its client may retry it elsewhere).
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import structlog
 
 from services.common.logging import bind_request
 from services.model.config import ModelConfig
-from services.model.tokenizer import Tokenizer
 from services.protos_gen.epserve.v1 import control_pb2, inference_pb2, inference_pb2_grpc
 from services.router import metrics
 from services.router.admission import Admission, AtCapacity, Draining, DuplicateRequest
+from services.router.encoder_pool import EncoderBusy, EncoderPool
 from services.router.flow import Outcome, RequestFailed, RequestFlow
 from services.router.usage import UsagePublisher
 from services.router.validation import (
@@ -29,6 +31,10 @@ from services.router.validation import (
     ModelLimits,
     RawRequest,
     ValidRequest,
+    check_before_encoding,
+    check_prompt_size,
+    check_request_id,
+    encode_prompt,
     validate,
 )
 
@@ -54,20 +60,24 @@ class Gateway:
     raises RequestFailed carrying the gRPC status (front ends map it to their own codes).
     """
 
-    def __init__(self, limits: ModelLimits, tokenizer: Tokenizer, admission: Admission,
+    def __init__(self, limits: ModelLimits, encoder: EncoderPool, admission: Admission,
                  flow: RequestFlow, usage: UsagePublisher) -> None:
-        self.limits, self.tokenizer = limits, tokenizer
+        self.limits, self.encoder = limits, encoder
         self.admission, self.flow, self.usage = admission, flow, usage
 
     async def generate(self, raw: RawRequest) -> AsyncIterator[inference_pb2.GenerateResponse]:
         rid = raw.request_id
         with bind_request(rid):
             try:
-                valid = validate(raw, self.limits, self.tokenizer)
+                check_before_encoding(raw, self.limits)  # nothing is queued for what cannot fit
+                valid = await self.encoder.run(validate, raw, self.limits, self.encoder)
             except InvalidRequest as exc:
                 metrics.REQUESTS.labels(outcome="invalid").inc()
                 log.info("request_invalid", reason=str(exc))
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}") from exc
+            except EncoderBusy as exc:
+                metrics.REQUESTS.labels(outcome="resource_exhausted").inc()
+                raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{rid}: {exc}") from exc
             try:
                 self.admission.admit(rid)
             except (AtCapacity, Draining, DuplicateRequest) as exc:
@@ -126,6 +136,7 @@ class Gateway:
 # Trailing metadata of an error the router decided (a refusal, a failed request), as opposed to
 # a router that went away mid-stream: a client resumes elsewhere only after the latter.
 ROUTER_VERDICT = (("epserve-verdict", "router"),)
+REQUEST_ID_KEY = "x-request-id"  # Tokenize's request id in the call's metadata
 
 
 def new_request_id() -> str:
@@ -141,7 +152,7 @@ def new_usage_id() -> str:
 class RouterServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, gateway: Gateway, model_cfg: ModelConfig) -> None:
         self.gateway, self.model_cfg = gateway, model_cfg
-        self.limits, self.tokenizer = gateway.limits, gateway.tokenizer
+        self.limits, self.encoder = gateway.limits, gateway.encoder
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC naming)
         raw = raw_request(request, request.request_id or new_request_id())
@@ -152,22 +163,27 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
             await context.abort(exc.status, exc.message, trailing_metadata=ROUTER_VERDICT)
 
     async def Tokenize(self, request, context):  # noqa: N802
-        if request.model and request.model != self.limits.name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"unknown model {request.model!r}; this router serves "
-                                f"{self.limits.name!r}")
-        if bool(request.text) == bool(request.messages):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "give exactly one of text or messages")
-        if request.text:
-            ids = self.tokenizer.encode(request.text, add_bos=request.add_bos)
-        else:
-            try:
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in request.messages])
-            except Exception as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"chat template rejected the messages: {exc}")
+        """Bounded as Generate is: the size is checked first, the tokenising runs on the
+        encoder pool; errors name the request id (metadata `x-request-id`, or a new one)."""
+        rid = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY) or new_request_id()
+        raw = RawRequest(request_id=rid, model=request.model, prompt=request.text,
+                         messages=tuple(ChatTurn(m.role, m.content) for m in request.messages))
+        try:
+            check_request_id(rid)
+            if raw.model and raw.model != self.limits.name:
+                raise InvalidRequest(f"unknown model {raw.model!r}; this router serves "
+                                     f"{self.limits.name!r}")
+            if bool(request.text) == bool(request.messages):
+                raise InvalidRequest("give exactly one of text or messages")
+            check_prompt_size(raw, self.limits)
+            if request.text:
+                ids = await self.encoder.run(self.encoder.encode, request.text, request.add_bos)
+            else:
+                ids = await self.encoder.run(encode_prompt, raw, self.encoder)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")
+        except EncoderBusy as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{rid}: {exc}")
         return inference_pb2.TokenizeResponse(token_ids=ids)
 
     async def ListModels(self, request, context):  # noqa: N802

@@ -153,20 +153,23 @@ async def run_openai(clients: list[openai.AsyncOpenAI], first: int, model: str, 
     for tried in range(len(clients)):
         k = (first + tried) % len(clients)
         h.attempt(time.monotonic(), k)
-        streamed = 0
+        streamed, last = 0, None  # last: the chunk with the finish reason (the final's text)
         try:
             stream = await clients[k].completions.create(
                 model=model, prompt=r.prompt_ids, stream=True, extra_body=extra,
+                stream_options={"include_usage": True},
                 extra_headers={"X-Request-Id": r.request_id}, **args)
             async for chunk in stream:
                 t = time.monotonic()
                 choice = chunk.choices[0] if chunk.choices else None
-                if chunk.usage is not None:
-                    h.final(t, choice.finish_reason if choice else "", chunk.usage.prompt_tokens,
-                            chunk.usage.completion_tokens, choice.text if choice else "",
+                if chunk.usage is not None:  # OpenAI's usage chunk, after the last choice
+                    h.final(t, last.finish_reason if last else "", chunk.usage.prompt_tokens,
+                            chunk.usage.completion_tokens, last.text if last else "",
                             chunk.id)
-                else:
-                    h.token(t, streamed, None, choice.text if choice else "")
+                elif choice is not None and choice.finish_reason is not None:
+                    last = choice
+                elif choice is not None:
+                    h.token(t, streamed, None, choice.text)
                     streamed += 1
             if not h.terminals:
                 h.error(time.monotonic(), "openai:no_final", "stream ended without usage")

@@ -171,6 +171,9 @@ def test_openai_http_api_matches_grpc_and_the_reference(cluster, workload_and_re
     out = json.loads(body)
     assert out["choices"][0]["text"] == tok.decode(want.token_ids, skip_special_tokens=True)
     assert out["choices"][0]["finish_reason"] == "length"
+    # OpenAI's usage, with the prompt tokens a prefix cache served (none, or some of these)
+    cached = out["usage"].pop("prompt_tokens_details")["cached_tokens"]
+    assert 0 <= cached <= len(r.prompt_ids)
     assert out["usage"] == {"prompt_tokens": len(r.prompt_ids),
                             "completion_tokens": r.params.max_tokens,
                             "total_tokens": len(r.prompt_ids) + r.params.max_tokens}

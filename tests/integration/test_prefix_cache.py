@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import openai
 import pytest
 import torch
 
@@ -85,6 +86,13 @@ def test_hits_are_whole_pages_from_token_zero(cluster, tiny_model_dir, cache_dir
         assert (u.prompt_cache_hit_tokens, u.prompt_cache_miss_tokens) == (hit, n - hit), n
         assert u.prompt_tokens == n
         assert w.token_ids == c.token_ids, n
+    # The same through the OpenAI API, read by the real client: OpenAI's field and DeepSeek's.
+    api = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", max_retries=0)
+    r = api.completions.create(model=api.models.list().data[0].id, prompt=reqs[4].prompt_ids,
+                               max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == 200
+    assert r.usage.prompt_tokens_details.cached_tokens == 192
+    assert (r.usage.prompt_cache_hit_tokens, r.usage.prompt_cache_miss_tokens) == (192, 8)
 
 
 def shared_prefix_workload(vocab: int) -> list[GenerationRequest]:

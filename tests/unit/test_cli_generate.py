@@ -52,3 +52,39 @@ def test_malformed_config_is_one_line(tiny_model_dir, tmp_path):
     (bad / "config.json").write_text("{ nope")
     r = epserve("generate", "--model", str(bad), "--prompt-ids", "1")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "not valid JSON" in r.stderr
+
+
+def test_request_ids_are_unique_per_run_unless_given():
+    from services.cli.generate import request_ids
+    from services.client import unique_prefix
+
+    one, two = unique_prefix("cli"), unique_prefix("cli")
+    assert one != two and one.startswith("cli-")
+    a, b = request_ids([], 3, one), request_ids([], 3, two)
+    assert len(set(a)) == 3 and not set(a) & set(b)  # two runs at once share no id
+    assert request_ids(["x", "y"], 2, one) == ["x", "y"]
+
+
+@pytest.mark.parametrize("given", [["x"], ["x", "x"], ["x", "y", "z"]])
+def test_given_request_ids_must_be_one_distinct_per_prompt(given):
+    from services.cli.generate import request_ids
+    from services.common.errors import CliError
+
+    with pytest.raises(CliError, match="one distinct --request-id per prompt"):
+        request_ids(given, 2, "cli-p")
+
+
+def test_request_id_without_endpoint_is_refused(tiny_model_dir):
+    r = epserve("generate", "--model", str(tiny_model_dir), "--prompt-ids", "1",
+                "--request-id", "mine")
+    assert r.returncode != 0 and "needs --endpoint" in r.stderr
+
+
+async def test_client_ids_are_unique_per_client_and_kept_when_given():
+    from services.client import InferenceClient
+
+    async with InferenceClient("127.0.0.1:1") as a, InferenceClient("127.0.0.1:1") as b:
+        ids_a = {a.new_request_id() for _ in range(3)}
+        assert len(ids_a) == 3 and not ids_a & {b.new_request_id() for _ in range(3)}
+    async with InferenceClient("127.0.0.1:1", id_prefix="mine") as c:
+        assert c.new_request_id() == "mine-0"

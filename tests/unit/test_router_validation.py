@@ -14,6 +14,8 @@ from services.router.validation import (
     ModelLimits,
     RawRequest,
     ValidRequest,
+    check_before_encoding,
+    prompt_bytes,
     validate,
 )
 
@@ -282,3 +284,54 @@ def test_resume_tokens_are_checked_and_kept():
     # all of them already streamed (the router died before its final message): valid, the
     # router finishes it without generating
     assert validate(raw(max_tokens=2, resume_token_ids=(8, 9)), LIMITS, FakeEncoder())
+
+
+# -- the prompt's size, before any tokenising ----------------------------------------------------
+
+BYTES_LIMITED = ModelLimits("tiny", context_length=32, vocab_size=100, max_prompt_bytes=10)
+
+
+def test_a_prompt_over_the_byte_limit_is_refused_untokenised():
+    enc = FakeEncoder()
+    with pytest.raises(InvalidRequest) as err:
+        validate(raw(prompt="x" * 11), BYTES_LIMITED, enc)
+    assert str(err.value).startswith("prompt is 11 bytes, more than this router's limit of 10")
+    assert err.value.param == "prompt" and enc.calls == []
+    assert validate(raw(prompt="x" * 10, max_tokens=1), BYTES_LIMITED, enc)
+
+
+def test_bytes_are_utf8_and_chat_turns_count_roles_and_contents():
+    assert prompt_bytes(raw(prompt="é☕")) == 2 + 3
+    msgs = (ChatTurn("user", "abc"), ChatTurn("system", "é"))
+    assert prompt_bytes(raw(messages=msgs)) == 4 + 3 + 6 + 2
+    enc = FakeEncoder()
+    with pytest.raises(InvalidRequest) as err:
+        validate(raw(messages=msgs), BYTES_LIMITED, enc)
+    assert err.value.param == "messages" and enc.calls == []
+
+
+def test_too_many_prompt_ids_are_refused_before_anything_else_of_the_prompt():
+    with pytest.raises(InvalidRequest) as err:
+        check_before_encoding(raw(prompt_ids=tuple([10**6] * 33), max_tokens=0), LIMITS)
+    assert "prompt has 33 tokens" in str(err.value) and err.value.param == "prompt_ids"
+
+
+def test_check_before_encoding_never_tokenises_and_returns_the_sampling():
+    sampling = check_before_encoding(raw(prompt="hi", max_tokens=3), BYTES_LIMITED)
+    assert sampling.max_tokens == 3
+
+
+@pytest.mark.parametrize("request_kw, param", [
+    (dict(request_id=""), "request_id"), (dict(model="gpt-4"), "model"),
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=2.0), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(temperature=1.0, seed=-1), "seed"), (dict(stop_token_ids=(100,)), "stop_token_ids"),
+    (dict(prompt_ids=(1, 100)), "prompt_ids"), (dict(prompt_ids=(5,) * 30), "max_tokens"),
+    (dict(prompt="x" * 40, max_tokens=1), "prompt"),
+    (dict(messages=(ChatTurn("robot", "x"),)), "messages"),
+    (dict(resume_token_ids=(100,)), "resume_token_ids"),
+])
+def test_every_refusal_names_the_field_at_fault(request_kw, param):
+    with pytest.raises(InvalidRequest) as err:
+        validate(raw(**request_kw), LIMITS, FakeEncoder())
+    assert err.value.param == param, str(err.value)

@@ -1,0 +1,178 @@
+"""The parameters of OpenAI's /v1/completions and /v1/chat/completions bodies, as a
+RawRequest (pure, no I/O).
+
+Each parameter is one of three kinds, and none is ever silently ignored:
+
+served       model, prompt | messages, max_tokens (max_completion_tokens), temperature, top_p,
+             seed, stream, stream_options.include_usage, user and safety_identifier (logged),
+             and the extensions top_k, ignore_eos and stop_token_ids (as vLLM names them);
+neutral      accepted only at the value that changes nothing (OpenAI's default, e.g. n 1,
+             presence_penalty 0, logprobs false or null); any other value is refused;
+anything else (stop strings, tools, an unknown name) is refused.
+
+A refusal is `BadRequest` naming the parameter (`param`, OpenAI's error field). null is every
+known parameter's default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.router.validation import ChatTurn, RawRequest
+
+DEFAULT_MAX_TOKENS = 16
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    raw: RawRequest
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
+    user: str = ""  # user / safety_identifier: only logged
+    # RawRequest field -> the body's parameter, for the `param` of a later refusal
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# name -> (what is accepted, the test)
+_COMMON_NEUTRAL: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "n": ("1", lambda x: _integer(x) and x == 1),
+    "presence_penalty": ("0", lambda x: _number(x) and x == 0),
+    "frequency_penalty": ("0", lambda x: _number(x) and x == 0),
+    "logit_bias": ("{}", lambda x: x == {}),
+    "stop": ("[] (stop_token_ids ends on token ids)", lambda x: x == []),
+}
+NEUTRAL = {
+    False: {**_COMMON_NEUTRAL,
+            "logprobs": ("null", lambda x: False),  # 0 asks for the chosen tokens' logprobs
+            "echo": ("false", lambda x: x is False),
+            "best_of": ("1", lambda x: _integer(x) and x == 1),
+            "suffix": ('""', lambda x: x == "")},
+    True: {**_COMMON_NEUTRAL,
+           "logprobs": ("false", lambda x: x is False),
+           "top_logprobs": ("0", lambda x: _integer(x) and x == 0),
+           "tools": ("[]", lambda x: x == []),
+           "tool_choice": ('"none"', lambda x: x == "none"),
+           "functions": ("[]", lambda x: x == []),
+           "function_call": ('"none"', lambda x: x == "none"),
+           "parallel_tool_calls": ("true or false (there are no tools)",
+                                   lambda x: isinstance(x, bool)),
+           "response_format": ('{"type": "text"}', lambda x: x == {"type": "text"}),
+           "modalities": ('["text"]', lambda x: x == ["text"]),
+           "store": ("false", lambda x: x is False),
+           "metadata": ("{}", lambda x: x == {}),
+           "service_tier": ('"auto" or "default"', lambda x: x in ("auto", "default"))},
+}
+_SERVED_COMMON = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+                  "stream", "stream_options", "user", "safety_identifier", "top_k", "ignore_eos",
+                  "stop_token_ids")
+SERVED = {False: (*_SERVED_COMMON, "prompt"), True: (*_SERVED_COMMON, "messages")}
+
+
+def parse_body(body: object, chat: bool, request_id: str) -> OpenAIRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    _refuse_what_is_not_served(body, chat)
+    prompt, prompt_ids, messages = "", (), ()
+    if chat:
+        messages = _messages(body.get("messages"))
+    else:
+        prompt, prompt_ids = _prompt(body.get("prompt"))
+    stream = _typed(body, "stream", bool, False)
+    include_usage = _stream_options(body.get("stream_options"), stream)
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(_integer(t) for t in stop_ids):
+        raise BadRequest("stop_token_ids must be a list of integers", "stop_token_ids")
+    max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else (
+        "max_tokens")
+    model = _typed(body, "model", str, "")
+    raw = RawRequest(
+        request_id=request_id, model=model, prompt=prompt, prompt_ids=prompt_ids,
+        messages=messages, max_tokens=_typed(body, max_key, int, DEFAULT_MAX_TOKENS),
+        temperature=_typed(body, "temperature", float, 1.0),
+        top_p=_typed(body, "top_p", float, None), top_k=_typed(body, "top_k", int, 0),
+        seed=_typed(body, "seed", int, None), stop_token_ids=tuple(stop_ids),
+        ignore_eos=_typed(body, "ignore_eos", bool, False))
+    user = _typed(body, "user", str, "") or _typed(body, "safety_identifier", str, "")
+    params = {"prompt": "prompt", "prompt_ids": "prompt", "messages": "messages",
+              "max_tokens": max_key, "model": "model", "temperature": "temperature",
+              "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+              "stop_token_ids": "stop_token_ids"}
+    return OpenAIRequest(raw, stream, include_usage, user, params)
+
+
+def _refuse_what_is_not_served(body: dict, chat: bool) -> None:
+    neutral = NEUTRAL[chat]
+    for key, value in body.items():
+        if key in SERVED[chat] or value is None:
+            continue
+        if key not in neutral:
+            endpoint = "chat completions" if chat else "completions"
+            raise BadRequest(f"{key!r} is not a parameter of {endpoint} that epserve serves",
+                             key)
+        accepted, changes_nothing = neutral[key]
+        if not changes_nothing(value):
+            raise BadRequest(f"{key!r} is not supported by epserve (got {value!r}; only "
+                             f"{accepted} is accepted)", key)
+
+
+def _typed(body: dict, key: str, kind: type, default):
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+          int: _integer, float: _number}[kind](value)
+    if not ok:
+        what = {bool: "a boolean", str: "a string", int: "an integer", float: "a number"}[kind]
+        raise BadRequest(f"{key} must be {what}, got {value!r}", key)
+    return kind(value)
+
+
+def _prompt(p: object) -> tuple[str, tuple[int, ...]]:
+    if isinstance(p, str):
+        return p, ()
+    if isinstance(p, list) and all(_integer(t) for t in p):
+        return "", tuple(p)
+    raise BadRequest("prompt must be a string or a list of token ids (one prompt: a batch of "
+                     "prompts is not supported)", "prompt")
+
+
+def _messages(msgs: object) -> tuple[ChatTurn, ...]:
+    if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) and set(m) <= {"role", "content"}
+            for m in msgs):
+        raise BadRequest("messages must be a list of {role, content} objects with string "
+                         "content (no other fields)", "messages")
+    return tuple(ChatTurn(m["role"], m["content"]) for m in msgs)
+
+
+def _stream_options(options: object, stream: bool) -> bool:
+    if options is None:
+        return False
+    if not stream:
+        raise BadRequest("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object", "stream_options")
+    for key, value in options.items():
+        if key == "include_usage" and isinstance(value, bool | None):
+            continue
+        if key == "include_obfuscation" and (value is False or value is None):
+            continue  # epserve's chunks carry no obfuscation field
+        raise BadRequest(f"stream_options.{key} = {value!r} is not supported by epserve",
+                         "stream_options")
+    return bool(options.get("include_usage"))

@@ -1,0 +1,121 @@
+"""OpenAI request bodies -> RawRequest: what is served, accepted at its default only, refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.openai_params import DEFAULT_MAX_TOKENS, BadRequest, parse_body
+from services.router.validation import ChatTurn
+
+
+def refused(body: dict, chat: bool = False) -> BadRequest:
+    with pytest.raises(BadRequest) as err:
+        parse_body(body, chat, "r-1")
+    return err.value
+
+
+def test_served_fields_become_the_raw_request():
+    req = parse_body({"model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 0.5,
+                      "top_p": 0.9, "seed": 3, "top_k": 7, "ignore_eos": True,
+                      "stop_token_ids": [4], "stream": True,
+                      "stream_options": {"include_usage": True}, "user": "u1"}, False, "r-1")
+    raw = req.raw
+    assert (raw.request_id, raw.model, raw.prompt, raw.max_tokens, raw.temperature) == (
+        "r-1", "m", "hi", 5, 0.5)
+    assert (raw.top_p, raw.seed, raw.top_k, raw.ignore_eos, raw.stop_token_ids) == (
+        0.9, 3, 7, True, (4,))
+    assert req.stream and req.include_usage and req.user == "u1"
+
+
+def test_defaults_and_null_mean_unset():
+    req = parse_body({"prompt": [1, 2], "temperature": None, "top_p": None, "seed": None,
+                      "stream": None}, False, "r")
+    assert req.raw.prompt_ids == (1, 2) and req.raw.max_tokens == DEFAULT_MAX_TOKENS
+    assert req.raw.temperature == 1.0 and req.raw.top_p is None and req.raw.seed is None
+    assert not req.stream and not req.include_usage
+
+
+def test_chat_messages_and_max_completion_tokens():
+    req = parse_body({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                      "max_completion_tokens": 9}, True, "r")
+    assert req.raw.messages == (ChatTurn("user", "x"),)
+    assert req.raw.max_tokens == 9 and req.params["max_tokens"] == "max_completion_tokens"
+    assert req.params["prompt_ids"] == "prompt"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("n", 1), ("presence_penalty", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0),
+    ("logit_bias", {}), ("stop", []), ("echo", False), ("best_of", 1), ("suffix", ""),
+    ("logprobs", None), ("stop", None), ("n", None),
+])
+def test_completion_parameters_at_the_value_that_changes_nothing(key, value):
+    assert parse_body({"prompt": "hi", key: value}, False, "r").raw.prompt == "hi"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("logprobs", False), ("top_logprobs", 0), ("tools", []), ("tool_choice", "none"),
+    ("parallel_tool_calls", True), ("response_format", {"type": "text"}),
+    ("modalities", ["text"]), ("store", False), ("service_tier", "auto"),
+])
+def test_chat_parameters_at_the_value_that_changes_nothing(key, value):
+    body = {"messages": [{"role": "user", "content": "x"}], key: value}
+    assert parse_body(body, True, "r").raw.messages
+
+
+@pytest.mark.parametrize("key, value", [
+    ("n", 2), ("n", True), ("presence_penalty", 0.1), ("frequency_penalty", -2),
+    ("logprobs", 0), ("logprobs", 1), ("echo", True), ("best_of", 2), ("suffix", "x"),
+    ("stop", ["\n"]), ("stop", "x"), ("logit_bias", {"1": 5}), ("tools", [{}]),
+    ("frobnicate", 1),
+])
+def test_anything_else_is_refused_naming_the_parameter(key, value):
+    err = refused({"prompt": "hi", key: value})
+    assert err.param == key and repr(key) in str(err)
+
+
+def test_a_chat_only_parameter_is_unknown_to_completions_and_the_reverse():
+    assert refused({"prompt": "hi", "tools": []}).param == "tools"
+    assert refused({"messages": [], "echo": False}, chat=True).param == "echo"
+    assert refused({"messages": [], "logprobs": True}, chat=True).param == "logprobs"
+
+
+def test_the_error_says_what_would_be_accepted():
+    assert "only 0 is accepted" in str(refused({"prompt": "hi", "presence_penalty": 1}))
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_obfuscation": True}},
+     "stream_options"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"x": 1}}, "stream_options"),
+    ({"prompt": "hi", "stream": True, "stream_options": []}, "stream_options"),
+    ({"prompt": "hi", "stream": "yes"}, "stream"),
+    ({"prompt": "hi", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hi", "seed": True}, "seed"),
+    ({"prompt": "hi", "model": 5}, "model"),
+    ({"prompt": "hi", "stop_token_ids": ["a"]}, "stop_token_ids"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [[1], [2]]}, "prompt"),
+])
+def test_wrong_types_and_forms_name_the_parameter(body, param):
+    assert refused(body).param == param
+
+
+@pytest.mark.parametrize("messages", [
+    "hi", [{"role": "user"}], [{"role": "user", "content": 5}],
+    [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+    [{"role": "user", "content": "x", "name": "bob"}],
+])
+def test_messages_must_be_role_and_string_content(messages):
+    assert refused({"messages": messages}, chat=True).param == "messages"
+
+
+def test_include_obfuscation_false_is_what_epserve_does():
+    body = {"prompt": "hi", "stream": True, "stream_options": {"include_obfuscation": False}}
+    assert not parse_body(body, False, "r").include_usage
+
+
+def test_body_must_be_an_object():
+    assert refused([1, 2]).param is None  # type: ignore[arg-type]
