@@ -63,7 +63,7 @@ class InferenceClient:
     A request given no id gets `<id_prefix>-<n>`: unique to this client (the prefix is random
     unless given), and the same on every router it is sent to."""
 
-    def __init__(self, endpoint: str, id_prefix: str = "") -> None:
+    def __init__(self, endpoint: str, id_prefix: str = "", api_key: str = "") -> None:
         self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
         if not self.endpoints:
             raise ValueError("no router endpoint given")
@@ -75,6 +75,8 @@ class InferenceClient:
         self._next = 0  # requests start on the routers in turn
         self.id_prefix = id_prefix or unique_prefix("client")
         self._ids = itertools.count()
+        # A router started with --api-keys wants `authorization: Bearer <key>` on every call.
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     async def __aenter__(self) -> InferenceClient:
         return self
@@ -89,7 +91,8 @@ class InferenceClient:
     def stream(self, request: inference_pb2.GenerateRequest, timeout: float | None = None,
                router: int = 0):
         """The raw response stream of one router (a call object: iterate it, or `cancel()`)."""
-        return self.stubs[router % len(self.stubs)].Generate(request, timeout=timeout)
+        return self.stubs[router % len(self.stubs)].Generate(request, timeout=timeout,
+                                                             metadata=self.metadata)
 
     async def generate(self, request_id: str = "", *, prompt: str = "",
                        prompt_ids: list[int] | None = None,
@@ -145,8 +148,10 @@ class InferenceClient:
         return out
 
     async def tokenize(self, text: str = "", add_bos: bool = True) -> list[int]:
-        resp = await self.stub.Tokenize(inference_pb2.TokenizeRequest(text=text, add_bos=add_bos))
+        resp = await self.stub.Tokenize(inference_pb2.TokenizeRequest(text=text, add_bos=add_bos),
+                                        metadata=self.metadata)
         return list(resp.token_ids)
 
     async def list_models(self) -> list[inference_pb2.ModelCard]:
-        return list((await self.stub.ListModels(inference_pb2.ListModelsRequest())).models)
+        return list((await self.stub.ListModels(inference_pb2.ListModelsRequest(),
+                                                metadata=self.metadata)).models)

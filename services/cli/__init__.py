@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "services.cli.serve",  # serve <service>
     "services.cli.up",  # up
     "services.cli.local",  # link-proxy, nats-server
+    "services.cli.keys",  # keys create|list|revoke
 )
 
 

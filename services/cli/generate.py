@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="generate text: locally (reference or EP engine) or through a cluster")
     p.add_argument("--model", default="", help="checkpoint directory (local generation)")
+    p.add_argument("--api-key", default=os.environ.get("EPSERVE_API_KEY", ""),
+                   help="API key for a router started with --api-keys ($EPSERVE_API_KEY)")
     p.add_argument("--endpoint", default="",
                    help="HOST:PORT of a running router (epserve up): generate through the cluster")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -146,7 +149,7 @@ async def _generate_remote(args: argparse.Namespace, params: SamplingParams) -> 
     if not prompts:
         raise CliError("give --prompt TEXT or --prompt-ids 1,2,3")
     ids = request_ids(args.request_id, len(prompts), unique_prefix("cli"))
-    async with InferenceClient(args.endpoint) as client:
+    async with InferenceClient(args.endpoint, api_key=args.api_key) as client:
         try:
             done = await asyncio.gather(*(client.generate(rid, params=params, **p)
                                           for rid, p in zip(ids, prompts, strict=True)))

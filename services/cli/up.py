@@ -45,6 +45,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                            "load drops below this (0 = off)")
     eplb.add_argument("--rebalance-period-s", type=float, default=0.0,
                       help="also re-plan this often (0 = off)")
+    p.add_argument("--api-keys", action="store_true",
+                   help="routers require an API key (make them with `epserve keys create`)")
     cache = p.add_argument_group("prefix KV cache (off unless a directory is given)")
     cache.add_argument("--kv-cache-dir", default="",
                        help="directory every prefill instance shares for prefix KV pages")
@@ -81,7 +83,8 @@ def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
                            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                            extra={"scheduler": (
                                "--rebalance-threshold", str(args.rebalance_threshold),
-                               "--rebalance-period-s", str(args.rebalance_period_s))})
+                               "--rebalance-period-s", str(args.rebalance_period_s)),
+                               "router": ("--api-keys",) if args.api_keys else ()})
     except ValueError as exc:
         raise CliError(str(exc)) from exc
 

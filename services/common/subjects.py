@@ -39,3 +39,6 @@ USAGE_SUBJECT = f"{PREFIX}.usage"
 # The ledger's running totals (services/ledger): token buckets, device uptime, its cursor.
 LEDGER_BUCKET = "epserve_ledger"
 LEDGER_CONSUMER = "epserve-ledger"  # the durable consumer of USAGE_STREAM
+
+# API keys (services/auth): key id -> ApiKeyRecord JSON (the key itself only hashed).
+API_KEYS_BUCKET = "epserve_api_keys"

@@ -39,6 +39,7 @@ class PrefillJob:
     params: SamplingParams
     done: asyncio.Future
     step_offset: int = 0
+    tenant: str = ""  # the prefix-cache namespace's tenant
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -67,11 +68,12 @@ class PrefillCore:
         self.batches = 0
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     step_offset: int = 0) -> PrefillOutput:
+                     step_offset: int = 0, tenant: str = "") -> PrefillOutput:
         if len(self.queue) >= self.max_queue:
             raise QueueFull(f"prefill queue full ({self.max_queue} prompts waiting)")
         job = PrefillJob(request_id, list(prompt_ids), params,
-                         asyncio.get_running_loop().create_future(), step_offset=step_offset)
+                         asyncio.get_running_loop().create_future(), step_offset=step_offset,
+                         tenant=tenant)
         self.queue.append(job)
         self._wake.set()
         return await job.done
@@ -110,7 +112,8 @@ class PrefillCore:
 
     async def _run(self, jobs: list[PrefillJob]) -> None:
         t0 = time.perf_counter()
-        hits = [await self.prefix.lookup(j.prompt_ids) if self.prefix else NO_HIT for j in jobs]
+        hits = [await self.prefix.lookup(j.prompt_ids, j.tenant) if self.prefix else NO_HIT
+                for j in jobs]
         blocks = sum(-(-len(j.prompt_ids) // self.block_size) for j in jobs)
         cache = LatentKVCache(self.cfg.num_hidden_layers, self.cfg.latent_dim, blocks,
                               self.block_size, self.dtype, self.device)
@@ -150,7 +153,7 @@ class PrefillCore:
             metrics.PROMPT_TOKENS.labels(cache="hit").inc(hit.tokens)
             metrics.PROMPT_TOKENS.labels(cache="miss").inc(len(job.prompt_ids) - hit.tokens)
             if self.prefix is not None:
-                self.prefix.store_later(job.prompt_ids, latent)
+                self.prefix.store_later(job.prompt_ids, latent, job.tenant)
             job.done.set_result(PrefillOutput(token, latent, seconds, cached_tokens=hit.tokens))
 
     async def _chunked(self, job: PrefillJob, past: int, cache: LatentKVCache) -> torch.Tensor:

@@ -29,9 +29,9 @@ class PrefixReuse:
         self._pending = 0
         self._lock = threading.Lock()
 
-    async def lookup(self, prompt_ids: list[int]) -> CacheHit:
+    async def lookup(self, prompt_ids: list[int], tenant: str = "") -> CacheHit:
         try:
-            return await asyncio.to_thread(self.cache.lookup, prompt_ids)
+            return await asyncio.to_thread(self.cache.lookup, prompt_ids, tenant)
         except Exception as exc:  # the cache is an optimisation: a failure is a miss
             log.warning("prefix_cache_lookup_failed", error=f"{type(exc).__name__}: {exc}")
             return NO_HIT
@@ -40,17 +40,17 @@ class PrefixReuse:
         if self.cache.planner is not None and tokens > 0:
             self.cache.planner.observe_prefill(tokens, seconds)
 
-    def store_later(self, prompt_ids: list[int], latent: torch.Tensor) -> None:
+    def store_later(self, prompt_ids: list[int], latent: torch.Tensor, tenant: str = "") -> None:
         with self._lock:
             if self._pending >= self.max_pending:
                 metrics.CACHE_WRITES_DROPPED.inc()
                 return
             self._pending += 1
-        self._writer.submit(self._store, list(prompt_ids), latent)
+        self._writer.submit(self._store, list(prompt_ids), latent, tenant)
 
-    def _store(self, prompt_ids: list[int], latent: torch.Tensor) -> None:
+    def _store(self, prompt_ids: list[int], latent: torch.Tensor, tenant: str) -> None:
         try:
-            self.cache.store(prompt_ids, latent)
+            self.cache.store(prompt_ids, latent, tenant)
         except Exception as exc:
             log.warning("prefix_cache_store_failed", error=f"{type(exc).__name__}: {exc}")
         finally:

@@ -56,7 +56,7 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")
             try:
                 out = await self.core.submit(rid, list(request.prompt_ids), params,
-                                             request.step_offset)
+                                             request.step_offset, request.tenant)
             except QueueFull as exc:
                 metrics.REQUESTS.labels(outcome="queue_full").inc()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{rid}: {exc}")

@@ -23,7 +23,7 @@ import torch
 
 from services.prefix_cache import metrics
 from services.prefix_cache.disk_store import DiskPageStore
-from services.prefix_cache.keys import NO_PARENT, PAGE_TOKENS, kv_layout, page_keys
+from services.prefix_cache.keys import NO_PARENT, PAGE_TOKENS, kv_layout, page_keys, tenant_root
 from services.prefix_cache.memory_tier import MemoryTier
 from services.prefix_cache.page_file import HEADER_SIZE, bytes_to_latent, latent_to_bytes
 from services.prefix_cache.planner import ReadPlanner
@@ -54,8 +54,8 @@ class PrefixCache:
         self.page_file_bytes = HEADER_SIZE + num_layers * PAGE_TOKENS * latent_dim * \
             torch.empty((), dtype=dtype).element_size()
 
-    def lookup(self, token_ids: Sequence[int]) -> CacheHit:
-        keys = page_keys(self.namespace, token_ids)
+    def lookup(self, token_ids: Sequence[int], tenant: str = "") -> CacheHit:
+        keys = page_keys(tenant_root(self.namespace, tenant), token_ids)
         pages: list[torch.Tensor] = []  # each [layers, PAGE_TOKENS, latent_dim]
         from_memory = from_disk = 0
         for i, key in enumerate(keys):
@@ -99,7 +99,7 @@ class PrefixCache:
             self.memory.put(key, page)
         return page
 
-    def store(self, token_ids: Sequence[int], latent: torch.Tensor) -> int:
+    def store(self, token_ids: Sequence[int], latent: torch.Tensor, tenant: str = "") -> int:
         """Keep every full page of the prompt (latent: [layers, len(token_ids), latent_dim])
         in memory and on disk, in chain order; returns the pages written to disk. Synchronous:
         the caller runs it off its event loop."""
@@ -108,7 +108,7 @@ class PrefixCache:
             raise ValueError(f"latent shape {tuple(latent.shape)} != {expected}")
         if latent.dtype != self.dtype:
             raise ValueError(f"latent dtype {latent.dtype} != the layout's {self.dtype}")
-        keys = page_keys(self.namespace, token_ids)
+        keys = page_keys(tenant_root(self.namespace, tenant), token_ids)
         if not keys:
             return 0
         host = latent[:, :len(keys) * PAGE_TOKENS].detach().to("cpu")  # one copy off the GPU

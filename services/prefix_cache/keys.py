@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from services.prefix_cache.fingerprint import model_fingerprint
 
 __all__ = ["KEY_BYTES", "NO_PARENT", "PAGE_TOKENS", "kv_layout", "model_fingerprint",
-           "namespace_key", "page_keys"]
+           "namespace_key", "page_keys", "tenant_root"]
 
 PAGE_TOKENS = 64  # DeepSeek's KV storage unit
 KEY_BYTES = 32
@@ -57,6 +57,17 @@ def namespace_key(model_fingerprint: str, layout: str, tenant: str = "") -> byte
         h.update(struct.pack("<Q", len(raw)))
         h.update(raw)
     return h.digest()
+
+
+def tenant_root(namespace: bytes, tenant: str) -> bytes:
+    """The root of a tenant's key chains: its pages share the store (and its namespace, which
+    page headers carry) but never a key with another tenant's, so no tenant ever hits another
+    one's pages. The empty tenant (no API keys) is the namespace itself."""
+    if not tenant:
+        return namespace
+    raw = tenant.encode("utf-8")
+    return hashlib.sha256(b"epserve-prefix-tenant-v1" + namespace
+                          + struct.pack("<Q", len(raw)) + raw).digest()
 
 
 def _pack_ids(ids: Sequence[int]) -> bytes:

@@ -15,6 +15,7 @@ import time
 
 import structlog
 
+from services.auth.keyring import KeyRing, open_keys_bucket
 from services.common import subjects
 from services.common.channels import Channels
 from services.common.control import ensure_usage_stream
@@ -26,6 +27,7 @@ from services.model.config import ModelConfig
 from services.model.tokenizer import Tokenizer
 from services.protos_gen.epserve.v1 import control_pb2, inference_pb2_grpc
 from services.router import metrics
+from services.router.access import Access
 from services.router.admission import Admission
 from services.router.attempt import Parts
 from services.router.choice import InstanceChooser
@@ -116,7 +118,11 @@ class RouterService(Service):
                            self.model_cfg.eos_token_id, context)
         self.usage = UsagePublisher(js, spool_dir=cfg.usage_spool_dir or None)
         await self.usage.start()  # records an earlier process spooled go out now
-        self.gateway = Gateway(self.limits, self.encoder, self.admission, flow, self.usage)
+        self.keyring = KeyRing(await open_keys_bucket(js)) if cfg.api_keys else None
+        if self.keyring is not None:
+            await self.keyring.start()
+        self.gateway = Gateway(self.limits, self.encoder, self.admission, flow, self.usage,
+                               Access(self.keyring))
 
     def add_servicers(self, server) -> None:
         inference_pb2_grpc.add_InferenceServicer_to_server(
@@ -160,6 +166,8 @@ class RouterService(Service):
         await self.usage.close()
         await self.sub.unsubscribe()
         await self.prefix_sub.unsubscribe()
+        if self.keyring is not None:
+            await self.keyring.stop()
         await self.channels.close()
         self.encoder.close()
 

@@ -88,6 +88,7 @@ class AttemptPlan:
     prompt_ids: list[int]
     sampling: inference_pb2.SamplingParams
     step_offset: int
+    tenant: str = ""  # the prefix-cache namespace's tenant
 
 
 class Attempt:
@@ -278,7 +279,8 @@ class Attempt:
     async def _prefill(self, decode_endpoint: str) -> serving_pb2.PrefillResult | None:
         p, plan, rid = self.p, self.plan, self.plan.request_id
         avoid: set[str] = set()
-        cached = p.prefix_view.cached_tokens(plan.prompt_ids) if p.prefix_view else None
+        cached = (p.prefix_view.cached_tokens(plan.prompt_ids, plan.tenant) if p.prefix_view
+                  else None)
         for attempt in range(1 + p.prefill_retries):
             eligible = await self._eligible(PREFILL)
             try:
@@ -295,7 +297,8 @@ class Attempt:
             try:
                 result = await stub.Prefill(serving_pb2.PrefillRequest(
                     request_id=rid, prompt_ids=plan.prompt_ids, sampling=plan.sampling,
-                    decode_endpoint=decode_endpoint, step_offset=plan.step_offset),
+                    decode_endpoint=decode_endpoint, step_offset=plan.step_offset,
+                    tenant=plan.tenant),
                     timeout=timeout)
                 p.prefills.observe(len(plan.prompt_ids), p.clock() - t0)
                 if plan.step_offset == 0:  # the client's own prompt (not a migration's)

@@ -49,6 +49,9 @@ class RouterConfig(ServiceConfig):
         "help": "re-drives of a failed prefill (another instance when there is one)"})
     decode_attempts: int = field(default=3, metadata={
         "help": "decode instances tried when one refuses a request (full, draining)"})
+    api_keys: bool = field(default=False, metadata={
+        "help": "require an API key on every call (HTTP `Authorization: Bearer`, gRPC metadata "
+                "`authorization`), with its per-key limits; keys from `epserve keys create`"})
     usage_spool_dir: str = field(default="", metadata={
         "help": "usage records wait here (on disk) while JetStream cannot take them, and are "
                 "published when it can, also by the next process (default: a temp dir)"})

@@ -123,7 +123,8 @@ class RequestFlow:
         rid = req.request_id if not migrations else f"{req.request_id}#m{migrations}"
         if req.resume_ids:  # another router may have used the #m ids of this request
             rid = f"{req.request_id}#r{len(req.resume_ids)}m{migrations}"
-        return AttemptPlan(rid, list(req.prompt_ids) + streamed, sampling, len(streamed))
+        return AttemptPlan(rid, list(req.prompt_ids) + streamed, sampling, len(streamed),
+                           req.tenant)
 
     def _migrate(self, req: ValidRequest, outcome: Outcome, move: Migrate) -> None:
         rid = req.request_id

@@ -27,7 +27,10 @@ import grpc
 import structlog
 from aiohttp import web
 
+from services.auth.api_keys import bearer
+from services.auth.limiter import retry_after_header
 from services.protos_gen.epserve.v1 import inference_pb2
+from services.router.access import Throttled
 from services.router.flow import RequestFailed
 from services.router.openai_params import BadRequest, OpenAIRequest, parse_body
 from services.router.server import Gateway, new_request_id
@@ -35,6 +38,7 @@ from services.router.validation import InvalidRequest
 
 log = structlog.get_logger("router")
 STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.ALREADY_EXISTS: 409,
+          grpc.StatusCode.UNAUTHENTICATED: 401,
           grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
           grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.DATA_LOSS: 502}
 
@@ -52,6 +56,10 @@ def _error(status: int, message: str, code: str | None, param: str | None = None
                              status=status, headers={"X-Request-Id": rid} if rid else None)
 
 
+def api_key(request: web.Request) -> str | None:
+    return bearer(request.headers.get("Authorization"))
+
+
 def usage_object(usage: inference_pb2.Usage) -> dict:
     """OpenAI's CompletionUsage from the gRPC Usage: the one place the HTTP usage is built.
     The prefix-cache hits twice: OpenAI's `prompt_tokens_details.cached_tokens` and DeepSeek's
@@ -63,8 +71,16 @@ def usage_object(usage: inference_pb2.Usage) -> dict:
             "prompt_cache_miss_tokens": usage.prompt_cache_miss_tokens}
 
 
-def _failure(exc: RequestFailed, req: OpenAIRequest) -> web.Response:
-    """A refusal or failure of the Gateway; a validation refusal names the body's parameter."""
+def _failure(exc: RequestFailed, req: OpenAIRequest | None, rid: str = "") -> web.Response:
+    """A refusal or failure of the Gateway; a validation refusal names the body's parameter,
+    a key over its limit says when to retry."""
+    rid = req.raw.request_id if req is not None else rid
+    if exc.status == grpc.StatusCode.UNAUTHENTICATED:
+        return _error(401, exc.message, "invalid_api_key", None, rid)
+    if isinstance(exc, Throttled):
+        response = _error(429, exc.message, "rate_limit_exceeded", None, rid)
+        response.headers["Retry-After"] = retry_after_header(exc.retry_after_s)
+        return response
     cause = exc.__cause__
     param = req.params.get(cause.param) if isinstance(cause, InvalidRequest) else None
     if param == "model":
@@ -121,10 +137,23 @@ class OpenAIHttp:
         return {"id": limits.name, "object": "model", "created": 0, "owned_by": "epserve",
                 "max_model_len": limits.context_length}
 
+    async def _key_refused(self, request: web.Request) -> web.Response | None:
+        """With API keys on, the error response for a request without a valid key."""
+        rid = request.headers.get("X-Request-Id") or new_request_id()
+        try:
+            await self.gateway.access.check(api_key(request), rid)
+        except RequestFailed as exc:
+            return _failure(exc, None, rid)
+        return None
+
     async def models(self, request: web.Request) -> web.Response:
+        if refused := await self._key_refused(request):
+            return refused
         return web.json_response({"object": "list", "data": [self._model_object()]})
 
     async def model(self, request: web.Request) -> web.Response:
+        if refused := await self._key_refused(request):
+            return refused
         name = request.match_info["model"]
         if name != self.gateway.limits.name:
             return _error(404, f"the model {name!r} does not exist; this router serves "
@@ -156,6 +185,8 @@ class OpenAIHttp:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id") or new_request_id()
+        if self.gateway.access.enabled and (refused := await self._key_refused(request)):
+            return refused  # before the body is read: nothing is parsed for a caller without a key
         body, refusal = await self._read(request, rid)
         if refusal is not None:
             return refusal
@@ -167,7 +198,7 @@ class OpenAIHttp:
             log.info("openai_request_user", request_id=rid, user=req.user[:128])
         kind = "chat.completion" if chat else "text_completion"
         created = int(time.time())
-        responses = self.gateway.generate(req.raw)
+        responses = self.gateway.generate(req.raw, api_key(request))
         try:
             try:
                 first = await anext(responses)  # refusals surface here, before any byte

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from services.prefix_cache.keys import PAGE_TOKENS, namespace_key, page_keys
+from services.prefix_cache.keys import PAGE_TOKENS, namespace_key, page_keys, tenant_root
 from services.protos_gen.epserve.v1 import control_pb2
 
 log = structlog.get_logger("router")
@@ -74,5 +74,5 @@ class PrefixCacheView:
     def _namespace(self, fingerprint: str, layout: str, tenant: str) -> bytes:
         key = (fingerprint, layout, tenant)
         if key not in self._namespaces:
-            self._namespaces[key] = namespace_key(fingerprint, layout, tenant)
+            self._namespaces[key] = tenant_root(namespace_key(fingerprint, layout), tenant)
         return self._namespaces[key]

@@ -10,6 +10,7 @@ its client may retry it elsewhere).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,10 +18,13 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from services.auth.api_keys import bearer
+from services.auth.limiter import retry_after_header
 from services.common.logging import bind_request
 from services.model.config import ModelConfig
 from services.protos_gen.epserve.v1 import control_pb2, inference_pb2, inference_pb2_grpc
 from services.router import metrics
+from services.router.access import Access, Grant, Throttled
 from services.router.admission import Admission, AtCapacity, Draining, DuplicateRequest
 from services.router.encoder_pool import EncoderBusy, EncoderPool
 from services.router.flow import Outcome, RequestFailed, RequestFlow
@@ -61,65 +65,84 @@ class Gateway:
     """
 
     def __init__(self, limits: ModelLimits, encoder: EncoderPool, admission: Admission,
-                 flow: RequestFlow, usage: UsagePublisher) -> None:
+                 flow: RequestFlow, usage: UsagePublisher, access: Access | None = None) -> None:
         self.limits, self.encoder = limits, encoder
         self.admission, self.flow, self.usage = admission, flow, usage
+        self.access = access or Access(None)
 
-    async def generate(self, raw: RawRequest) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    async def generate(self, raw: RawRequest, api_key: str | None = None
+                       ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """The key is checked first (nothing is tokenised for a caller without one); the
+        key's limits are held until the request ends, its tokens charged then."""
         rid = raw.request_id
         with bind_request(rid):
+            grant = await self.access.admit(api_key, rid)
+            used = [0]
+            inner = self._generate(raw, grant, used)
             try:
-                check_before_encoding(raw, self.limits)  # nothing is queued for what cannot fit
-                valid = await self.encoder.run(validate, raw, self.limits, self.encoder)
-            except InvalidRequest as exc:
-                metrics.REQUESTS.labels(outcome="invalid").inc()
-                log.info("request_invalid", reason=str(exc))
-                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}") from exc
-            except EncoderBusy as exc:
-                metrics.REQUESTS.labels(outcome="resource_exhausted").inc()
-                raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{rid}: {exc}") from exc
-            try:
-                self.admission.admit(rid)
-            except (AtCapacity, Draining, DuplicateRequest) as exc:
-                code = {AtCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        Draining: grpc.StatusCode.UNAVAILABLE,
-                        DuplicateRequest: grpc.StatusCode.ALREADY_EXISTS}[type(exc)]
-                metrics.REQUESTS.labels(outcome=code.name.lower()).inc()
-                raise RequestFailed(code, f"{rid}: {exc}") from exc
-            metrics.IN_FLIGHT.set(self.admission.in_flight)
-            metrics.PROMPT_TOKENS.inc(len(valid.prompt_ids))
-            outcome = Outcome()
-            error: RequestFailed | None = None
-            t0 = time.monotonic()
-            log.info("request_admitted", prompt_tokens=len(valid.prompt_ids),
-                     max_tokens=valid.sampling.max_tokens)
-            try:
-                async for response in self.flow.run(valid, outcome):
+                async for response in inner:
                     yield response
-            except RequestFailed as exc:
-                error = exc
-            except Exception as exc:  # a bug: still a clear status with the request id
-                log.exception("request_crashed")
-                error = RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: internal error: {exc}")
             finally:
-                # Runs on the client's cancellation too (the generator is closed).
-                self.admission.release(rid)
-                metrics.IN_FLIGHT.set(self.admission.in_flight)
-                metrics.E2E.observe(time.monotonic() - t0)
-                outcome_name = ("error" if error is not None else
-                                "ok" if outcome.finish_reason != "abort" else "cancelled")
-                metrics.REQUESTS.labels(outcome=outcome_name).inc()
-                if error is None or outcome.completion_tokens:
-                    self.usage.publish_later(self._record(valid, outcome))
-                # else: failed before its first token, nothing was served (the client may
-                # retry it elsewhere, which bills it once): no usage record
-                log.info("request_done", outcome=outcome_name, finish=outcome.finish_reason,
-                         migrations=outcome.migrations,
-                         completion_tokens=outcome.completion_tokens,
-                         decode=outcome.decode_instance, prefill=outcome.prefill_instance)
-            if error is not None:
-                log.warning("request_failed", code=error.code, reason=error.message)
-                raise error
+                await inner.aclose()  # its own clean-up (admission, usage) runs now, not at GC
+                self.access.done(grant, used[0])
+
+    async def _generate(self, raw: RawRequest, grant: Grant, used: list[int]
+                        ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        rid = raw.request_id
+        try:
+            check_before_encoding(raw, self.limits)  # nothing is queued for what cannot fit
+            valid = await self.encoder.run(validate, raw, self.limits, self.encoder)
+        except InvalidRequest as exc:
+            metrics.REQUESTS.labels(outcome="invalid").inc()
+            log.info("request_invalid", reason=str(exc))
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}") from exc
+        except EncoderBusy as exc:
+            metrics.REQUESTS.labels(outcome="resource_exhausted").inc()
+            raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{rid}: {exc}") from exc
+        try:
+            self.admission.admit(rid)
+        except (AtCapacity, Draining, DuplicateRequest) as exc:
+            code = {AtCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    Draining: grpc.StatusCode.UNAVAILABLE,
+                    DuplicateRequest: grpc.StatusCode.ALREADY_EXISTS}[type(exc)]
+            metrics.REQUESTS.labels(outcome=code.name.lower()).inc()
+            raise RequestFailed(code, f"{rid}: {exc}") from exc
+        metrics.IN_FLIGHT.set(self.admission.in_flight)
+        metrics.PROMPT_TOKENS.inc(len(valid.prompt_ids))
+        valid = dataclasses.replace(valid, tenant=grant.tenant)
+        outcome = Outcome()
+        error: RequestFailed | None = None
+        t0 = time.monotonic()
+        log.info("request_admitted", prompt_tokens=len(valid.prompt_ids),
+                 max_tokens=valid.sampling.max_tokens)
+        try:
+            async for response in self.flow.run(valid, outcome):
+                yield response
+        except RequestFailed as exc:
+            error = exc
+        except Exception as exc:  # a bug: still a clear status with the request id
+            log.exception("request_crashed")
+            error = RequestFailed(grpc.StatusCode.INTERNAL, f"{rid}: internal error: {exc}")
+        finally:
+            # Runs on the client's cancellation too (the generator is closed).
+            self.admission.release(rid)
+            metrics.IN_FLIGHT.set(self.admission.in_flight)
+            metrics.E2E.observe(time.monotonic() - t0)
+            used[0] = len(valid.prompt_ids) + outcome.completion_tokens
+            outcome_name = ("error" if error is not None else
+                            "ok" if outcome.finish_reason != "abort" else "cancelled")
+            metrics.REQUESTS.labels(outcome=outcome_name).inc()
+            if error is None or outcome.completion_tokens:
+                self.usage.publish_later(self._record(valid, outcome))
+            # else: failed before its first token, nothing was served (the client may
+            # retry it elsewhere, which bills it once): no usage record
+            log.info("request_done", outcome=outcome_name, finish=outcome.finish_reason,
+                     migrations=outcome.migrations,
+                     completion_tokens=outcome.completion_tokens,
+                     decode=outcome.decode_instance, prefill=outcome.prefill_instance)
+        if error is not None:
+            log.warning("request_failed", code=error.code, reason=error.message)
+            raise error
 
     def _record(self, req: ValidRequest, outcome: Outcome) -> control_pb2.UsageRecord:
         return control_pb2.UsageRecord(
@@ -130,13 +153,25 @@ class Gateway:
             prompt_cache_miss_tokens=len(req.prompt_ids) - outcome.prompt_cache_hit_tokens,
             completion_tokens=outcome.completion_tokens, finish_reason=outcome.finish_reason,
             prefill_instance=outcome.prefill_instance, decode_instance=outcome.decode_instance,
-            time_to_first_token_s=outcome.ttft_s)
+            time_to_first_token_s=outcome.ttft_s, tenant=req.tenant)
 
 
 # Trailing metadata of an error the router decided (a refusal, a failed request), as opposed to
 # a router that went away mid-stream: a client resumes elsewhere only after the latter.
 ROUTER_VERDICT = (("epserve-verdict", "router"),)
 REQUEST_ID_KEY = "x-request-id"  # Tokenize's request id in the call's metadata
+
+
+def grpc_api_key(context) -> str | None:
+    """`authorization: Bearer <key>` in the call's metadata (as OpenAI's HTTP header)."""
+    return bearer(dict(context.invocation_metadata() or ()).get("authorization"))
+
+
+def verdict(exc: RequestFailed) -> tuple:
+    """Trailing metadata of the router's own refusal; a throttled key also says when to retry."""
+    if isinstance(exc, Throttled):
+        return (*ROUTER_VERDICT, ("retry-after", retry_after_header(exc.retry_after_s)))
+    return ROUTER_VERDICT
 
 
 def new_request_id() -> str:
@@ -157,15 +192,16 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context):  # noqa: N802 (gRPC naming)
         raw = raw_request(request, request.request_id or new_request_id())
         try:
-            async for response in self.gateway.generate(raw):
+            async for response in self.gateway.generate(raw, grpc_api_key(context)):
                 yield response
         except RequestFailed as exc:  # marked as the router's own verdict (see client.py)
-            await context.abort(exc.status, exc.message, trailing_metadata=ROUTER_VERDICT)
+            await context.abort(exc.status, exc.message, trailing_metadata=verdict(exc))
 
     async def Tokenize(self, request, context):  # noqa: N802
         """Bounded as Generate is: the size is checked first, the tokenising runs on the
         encoder pool; errors name the request id (metadata `x-request-id`, or a new one)."""
         rid = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY) or new_request_id()
+        await self._check_key(context, rid)
         raw = RawRequest(request_id=rid, model=request.model, prompt=request.text,
                          messages=tuple(ChatTurn(m.role, m.content) for m in request.messages))
         try:
@@ -186,7 +222,14 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{rid}: {exc}")
         return inference_pb2.TokenizeResponse(token_ids=ids)
 
+    async def _check_key(self, context, rid: str) -> None:
+        try:
+            await self.gateway.access.check(grpc_api_key(context), rid)
+        except RequestFailed as exc:
+            await context.abort(exc.status, exc.message, trailing_metadata=ROUTER_VERDICT)
+
     async def ListModels(self, request, context):  # noqa: N802
+        await self._check_key(context, new_request_id())
         mc = self.model_cfg
         return inference_pb2.ListModelsResponse(models=[inference_pb2.ModelCard(
             id=self.limits.name, architecture=mc.model_type,

@@ -77,6 +77,7 @@ class ValidRequest:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams  # a concrete seed whenever temperature > 0
     resume_ids: tuple[int, ...] = ()  # tokens the client already has (see GenerateRequest)
+    tenant: str = ""  # who is billed, from the API key ("" without keys)
 
 
 def validate(raw: RawRequest, limits: ModelLimits, encoder: PromptEncoder) -> ValidRequest:

@@ -196,3 +196,16 @@ def test_concurrent_lookup_and_store(tmp_path):
     thread.join(timeout=60)
     assert not thread.is_alive() and not errors
     assert all(cache.lookup(ids).tokens == 192 for ids, _ in prompts)
+
+
+def test_tenants_never_hit_each_others_pages(tmp_path):
+    cache = make(tmp_path)
+    ids, x = prompt(200), latent(200, torch.float32)
+    assert cache.store(ids, x, tenant="acme") == 3
+    assert cache.lookup(ids, tenant="acme").tokens == 192
+    assert cache.lookup(ids, tenant="globex").tokens == 0
+    assert cache.lookup(ids).tokens == 0  # no tenant (no API keys) is a tenant of its own
+    again = make(tmp_path, memory=False)  # from the disk alone, after a restart
+    again.disk.scan()
+    assert again.lookup(ids, tenant="acme").tokens == 192
+    assert again.lookup(ids, tenant="globex").tokens == 0
