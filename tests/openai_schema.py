@@ -1,7 +1,7 @@
 """OpenAI's published OpenAPI document as JSON Schema validators (for the conformance tests).
 
-The document is vendored beside the repository, in shared/reference/openai/openapi.json
-(`EPSERVE_OPENAI_OPENAPI` names another copy). It is OpenAPI 3.1, whose schemas are JSON
+The document is vendored in tests/data/openai/ (MIT, see SOURCE.md there;
+`EPSERVE_OPENAI_OPENAPI` names another copy). It is OpenAPI 3.1, whose schemas are JSON
 Schema 2020-12, except that it still writes OpenAPI 3.0's `nullable: true` in about a hundred
 places: those are read here as "or null" (`{"anyOf": [schema, {"type": "null"}]}`), or a
 stream chunk with `finish_reason: null` would fail for the wrong reason.
@@ -21,7 +21,7 @@ import referencing
 from referencing.jsonschema import DRAFT202012
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENT = REPO.parent / "shared" / "reference" / "openai" / "openapi.json"
+DOCUMENT = REPO / "tests" / "data" / "openai" / "openapi.json"
 BASE_URI = "urn:openai-openapi"
 
 
