@@ -174,6 +174,9 @@ def test_openai_http_api_matches_grpc_and_the_reference(cluster, workload_and_re
     # OpenAI's usage, with the prompt tokens a prefix cache served (none, or some of these)
     cached = out["usage"].pop("prompt_tokens_details")["cached_tokens"]
     assert 0 <= cached <= len(r.prompt_ids)
+    # ... and DeepSeek's own fields for the same split
+    assert (out["usage"].pop("prompt_cache_hit_tokens"),
+            out["usage"].pop("prompt_cache_miss_tokens")) == (cached, len(r.prompt_ids) - cached)
     assert out["usage"] == {"prompt_tokens": len(r.prompt_ids),
                             "completion_tokens": r.params.max_tokens,
                             "total_tokens": len(r.prompt_ids) + r.params.max_tokens}
