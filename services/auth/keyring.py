@@ -15,7 +15,7 @@ import structlog
 
 from services.auth.api_keys import ApiKeyRecord, key_id_of
 from services.common import subjects
-from services.common.control import kv_bucket
+from services.common.control import kv_bucket, kv_entries
 
 log = structlog.get_logger("auth")
 REFUSED = "invalid API key (send `Authorization: Bearer <key>`; `epserve keys create` makes one)"
@@ -30,20 +30,12 @@ async def open_keys_bucket(js):
 
 
 async def read_records(kv, timeout_s: float = 5.0) -> dict[str, ApiKeyRecord]:
-    try:
-        keys = await asyncio.wait_for(kv.keys(), timeout_s)
-    except Exception as exc:
-        if type(exc).__name__ == "NoKeysError":
-            return {}
-        raise
     out = {}
-    for key in keys:
-        entry = await asyncio.wait_for(kv.get(key), timeout_s)
-        if entry.value:
-            try:
-                out[key] = ApiKeyRecord.from_json(entry.value)
-            except (ValueError, TypeError, KeyError) as exc:
-                log.error("api_key_record_unreadable", key_id=key, error=str(exc))
+    for key, (value, _) in (await kv_entries(kv, timeout_s)).items():
+        try:
+            out[key] = ApiKeyRecord.from_json(value)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("api_key_record_unreadable", key_id=key, error=str(exc))
     return out
 
 

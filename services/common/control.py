@@ -119,6 +119,22 @@ async def kv_get(kv, key: str, message_cls):
     return _parse(await _read(kv, key), message_cls)
 
 
+async def kv_entries(kv, timeout_s: float = 5.0) -> dict[str, tuple[bytes, int]]:
+    """Every non-empty key of a bucket: key -> (value, revision); {} for an empty bucket."""
+    try:
+        keys = await asyncio.wait_for(kv.keys(), timeout_s)
+    except Exception as exc:
+        if type(exc).__name__ == "NoKeysError":
+            return {}
+        raise
+    out = {}
+    for key in keys:
+        entry = await asyncio.wait_for(kv.get(key), timeout_s)
+        if entry.value:
+            out[key] = (entry.value, entry.revision)
+    return out
+
+
 async def follow_key(kv, key: str, message_cls, resync_s: float = 1.0) -> AsyncIterator:
     """Every new value of `key` (parsed as `message_cls`), the current one first, for ever.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common import subjects
-from services.common.control import kv_bucket
+from services.common.control import kv_bucket, kv_entries
 from services.economics.tally import BUCKET_PREFIX, UPTIME_PREFIX, DeviceUptime, TokenBucket
 
 CURSOR_KEY, META_KEY = "cursor", "meta"
@@ -40,18 +40,10 @@ class LedgerStore:
 
     async def read_all(self) -> dict[str, Any]:
         """Every entry's document by key (and their revisions, for the next writes)."""
-        try:
-            keys = await asyncio.wait_for(self.kv.keys(), self.timeout_s)
-        except Exception as exc:
-            if type(exc).__name__ == "NoKeysError":
-                return {}
-            raise
         docs = {}
-        for key in keys:
-            entry = await asyncio.wait_for(self.kv.get(key), self.timeout_s)
-            if entry.value:
-                docs[key] = json.loads(entry.value)
-                self.revisions[key] = entry.revision
+        for key, (value, revision) in (await kv_entries(self.kv, self.timeout_s)).items():
+            docs[key] = json.loads(value)
+            self.revisions[key] = revision
         return docs
 
     async def write(self, key: str, doc: Any) -> None:
