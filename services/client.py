@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from services.common.channels import CHANNEL_OPTIONS
-from services.engine.sampling import SamplingParams
-from services.engine.sampling_proto import params_to_proto
+from services.engine.sampling import SamplingParams, TokenLogprobs
+from services.engine.sampling_proto import logprobs_from_proto, params_to_proto
 from services.protos_gen.epserve.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -28,6 +28,7 @@ class RemoteCompletion:
     total_s: float = 0.0
     token_times: list[float] = field(default_factory=list)  # seconds since the request began
     server_usage: inference_pb2.Usage | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # when params.logprobs is set
 
     @property
     def tpot_s(self) -> float:
@@ -134,6 +135,8 @@ class InferenceClient:
                 if not out.token_ids:
                     out.ttft_s = now
                 out.token_ids.extend(resp.delta.token_ids)
+                out.logprobs.extend(logprobs_from_proto(t, lp) for t, lp in zip(
+                    resp.delta.token_ids, resp.delta.logprobs, strict=False))
                 out.token_times.extend([now] * len(resp.delta.token_ids))
                 pieces.append(resp.delta.text)
             else:

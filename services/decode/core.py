@@ -20,7 +20,7 @@ from services.common.load import InstanceLoad
 from services.decode import metrics
 from services.engine.kv_budget import KVBudget, NeverFits
 from services.engine.kv_cache import LatentKVCache, SeqChunk
-from services.engine.sampling import SamplingParams, sample_token
+from services.engine.sampling import SamplingParams, TokenLogprobs
 from services.engine.sequence import Sequence
 from services.model.config import ModelConfig
 
@@ -97,7 +97,8 @@ class DecodeCore:
         return slot
 
     # ---- KV hand-over from prefill ----------------------------------------------------------
-    def install_kv(self, request_id: str, latent: torch.Tensor, first_token: int) -> None:
+    def install_kv(self, request_id: str, latent: torch.Tensor, first_token: int,
+                   first_logprobs: TokenLogprobs | None = None) -> None:
         slot = self.slots.get(request_id)
         if slot is None:
             raise Rejected("NOT_FOUND", f"no reservation for request {request_id}")
@@ -109,9 +110,12 @@ class DecodeCore:
                            f"KV of shape {list(latent.shape)}, expected {list(want)}")
         if not 0 <= first_token < self.cfg.vocab_size:
             raise Rejected("INVALID_ARGUMENT", f"first token {first_token} outside the vocab")
+        if slot.seq.params.logprobs is not None and first_logprobs is None:
+            raise Rejected("INVALID_ARGUMENT", "the request asks for logprobs and the transfer "
+                                               "carries none for its first token")
         self.cache.write(request_id, latent)
         slot.kv_ready = True
-        self._append(slot, first_token)
+        self._append(slot, first_token, first_logprobs)
         self._wake.set()
 
     # ---- the batch loop ---------------------------------------------------------------------
@@ -162,10 +166,12 @@ class DecodeCore:
         self.last_batch = len(batch_slots)
         for slot, row in zip(batch_slots, logits, strict=True):
             if slot.request_id in self.slots and not slot.seq.finished:
-                self._append(slot, sample_token(row, slot.seq.params, slot.seq.next_step))
+                self._append(slot, *slot.seq.sample(row))
 
-    def _append(self, slot: DecodeSlot, token: int) -> None:
-        slot.seq.append(token)
+    def _append(self, slot: DecodeSlot, token: int, logprobs: TokenLogprobs | None = None
+                ) -> None:
+        """A token for the stream (its logprobs, when asked for, at seq.logprobs[index])."""
+        slot.seq.append(token, logprobs if slot.seq.params.logprobs is not None else None)
         slot.events.put_nowait(("token", slot.emitted, token))
         slot.emitted += 1
         if slot.seq.finished:

@@ -13,7 +13,7 @@ from services.common.logging import bind_request
 from services.decode import metrics
 from services.decode.core import DecodeCore, Rejected
 from services.engine.kv_transfer import KVAssembler, TransferError
-from services.engine.sampling_proto import params_from_proto
+from services.engine.sampling_proto import logprobs_to_proto, params_from_proto
 from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
 
 log = structlog.get_logger("decode")
@@ -70,7 +70,10 @@ class DecodeServicer(serving_pb2_grpc.DecodeServicer):
                             metrics.TPOT.observe(now - last)
                         last = now
                         metrics.TOKENS.inc()
-                        yield serving_pb2.DecodeEvent(token=serving_pb2.DecodeToken(seq=a, token_id=b))
+                        token = serving_pb2.DecodeToken(seq=a, token_id=b)
+                        if slot.seq.params.logprobs is not None:
+                            token.logprobs.CopyFrom(logprobs_to_proto(slot.seq.logprobs[a]))
+                        yield serving_pb2.DecodeEvent(token=token)
                     elif kind == "finished":
                         finished = True
                         metrics.REQUESTS.labels(outcome="finished").inc()
@@ -94,7 +97,8 @@ class DecodeServicer(serving_pb2_grpc.DecodeServicer):
                 asm.add(chunk)
             latent = asm.tensor(self.dtype)
             with bind_request(asm.request_id):
-                self.core.install_kv(asm.request_id, latent, asm.first_token)
+                self.core.install_kv(asm.request_id, latent, asm.first_token,
+                                     asm.first_token_logprobs)
                 log.info("kv_installed", tokens=latent.shape[1], bytes=asm.received)
         except (TransferError, Rejected) as exc:
             metrics.KV_TRANSFERS.labels(outcome=exc.code.lower()).inc()

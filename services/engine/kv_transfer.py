@@ -3,8 +3,9 @@
 A sequence's latent KV [layers, tokens, latent_dim] travels as raw bytes in chunks of at most
 `chunk_bytes`. The receiver checks names, order, sizes, shape and checksum before a single
 value reaches its cache: any mismatch raises TransferError and nothing is installed. The
-checksum covers the header too (request id, dtype, shape, first token, size): a flipped first
-token or shape is caught like flipped KV bytes.
+checksum covers the header too (request id, dtype, shape, first token, size, and the first
+token's logprobs when the request asked for them): a flipped first token or shape is caught like
+flipped KV bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 import torch
 
 from services.common.errors import StatusError
+from services.engine.sampling import TokenLogprobs
+from services.engine.sampling_proto import logprobs_from_proto, logprobs_to_proto
 from services.engine.tensor_proto import dtype_from_proto, dtype_to_proto
 from services.engine.wire import WireError, WireTensor, decode, encode
 from services.protos_gen.epserve.v1 import serving_pb2
@@ -33,11 +36,15 @@ def header_hash(request_id: str, dtype: int, shape, first_token: int, total_byte
 
 
 def kv_chunks(request_id: str, latent: torch.Tensor, first_token: int,
-              chunk_bytes: int = CHUNK_BYTES) -> Iterator[serving_pb2.KVChunk]:
+              chunk_bytes: int = CHUNK_BYTES, first_logprobs: TokenLogprobs | None = None
+              ) -> Iterator[serving_pb2.KVChunk]:
     dtype = "bf16" if latent.dtype == torch.bfloat16 else "fp32"
     wire = encode(latent, dtype)
     data = wire.data
     hasher = header_hash(request_id, dtype_to_proto(dtype), wire.shape, first_token, len(data))
+    lp = logprobs_to_proto(first_logprobs) if first_logprobs is not None else None
+    if lp is not None:
+        hasher.update(lp.SerializeToString(deterministic=True))
     hasher.update(data)
     digest = hasher.digest()
     pieces = [data[i:i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
@@ -49,6 +56,8 @@ def kv_chunks(request_id: str, latent: torch.Tensor, first_token: int,
             chunk.shape.extend(wire.shape)
             chunk.first_token = first_token
             chunk.total_bytes = len(data)
+            if lp is not None:
+                chunk.first_token_logprobs.CopyFrom(lp)
         if chunk.last:
             chunk.sha256 = digest
         yield chunk
@@ -73,6 +82,9 @@ class KVAssembler:
             self.first, self.request_id = chunk, chunk.request_id
             self.hasher = header_hash(chunk.request_id, chunk.dtype, chunk.shape,
                                        chunk.first_token, chunk.total_bytes)
+            if chunk.HasField("first_token_logprobs"):
+                self.hasher.update(chunk.first_token_logprobs.SerializeToString(
+                    deterministic=True))
         elif chunk.request_id != self.request_id:
             raise TransferError("INVALID_ARGUMENT", "chunks of two requests in one transfer")
         self.parts.append(chunk.data)
@@ -100,3 +112,9 @@ class KVAssembler:
     @property
     def first_token(self) -> int:
         return self.first.first_token if self.first is not None else -1
+
+    @property
+    def first_token_logprobs(self) -> TokenLogprobs | None:
+        if self.first is None or not self.first.HasField("first_token_logprobs"):
+            return None
+        return logprobs_from_proto(self.first.first_token, self.first.first_token_logprobs)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from services.engine.kv_cache import LatentKVCache, SeqChunk
-from services.engine.sampling import SamplingParams, sample_token
+from services.engine.sampling import SamplingParams, TokenLogprobs
 from services.engine.sequence import Sequence
+from services.engine.stop_strings import StopText
 from services.model.batch import AttentionBatch
 from services.model.config import ModelConfig
 from services.model.deepseek import DeepseekModel
@@ -36,6 +37,8 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     logits: list[torch.Tensor] = field(default_factory=list)  # the logits each token came from
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # when params.logprobs is set
+    text: str | None = None  # with a tokenizer: the completion's text (cut at a stop string)
 
 
 @dataclass
@@ -76,13 +79,17 @@ class Step:
 class GenerationLoop:
     def __init__(self, cfg: ModelConfig, requests: list[GenerationRequest], block_size: int,
                  dtype: torch.dtype, device: torch.device | str, record_logits: bool,
-                 stats: EngineStats) -> None:
+                 stats: EngineStats, tokenizer=None) -> None:
         for r in requests:
             validate_request(cfg, r)
+            if r.params.stop and tokenizer is None:
+                raise ValueError(f"{r.request_id}: stop strings need the engine's tokenizer")
         self.record_logits, self.stats = record_logits, stats
         self.seqs = [Sequence(r.request_id, list(r.prompt_ids), r.params.with_seed(),
                               cfg.eos_token_id, cfg.max_position_embeddings) for r in requests]
         self.logits: dict[str, list[torch.Tensor]] = {s.request_id: [] for s in self.seqs}
+        self.texts = {s.request_id: StopText(tokenizer, s.prompt_ids, s.params.stop)
+                      for s in self.seqs} if tokenizer is not None else {}
         blocks = sum(-(-min(len(s.prompt_ids) + s.params.max_tokens, s.max_context) // block_size)
                      for s in self.seqs)
         self.cache = LatentKVCache(cfg.num_hidden_layers, cfg.latent_dim, blocks, block_size,
@@ -110,7 +117,10 @@ class GenerationLoop:
         for s, row in zip(self._running, logits, strict=True):
             if self.record_logits:
                 self.logits[s.request_id].append(row.clone())
-            s.append(sample_token(row, s.params, step=len(s.output_ids)))
+            s.append(*s.sample(row))
+            text = self.texts.get(s.request_id)
+            if text is not None and text.push(s.output_ids[-1]):
+                s.finish_reason = "stop"  # a stop string: the text ends before it
         seconds = time.perf_counter() - self._t0
         if step.phase == "prefill":
             self._prefilled = True
@@ -122,23 +132,32 @@ class GenerationLoop:
             self.stats.decode_steps += 1
 
     def completions(self) -> list[Completion]:
-        return [Completion(s.request_id, s.prompt_ids, s.output_ids, s.finish_reason or "length",
-                           self.logits[s.request_id]) for s in self.seqs]
+        out = []
+        for s in self.seqs:
+            text = self.texts.get(s.request_id)
+            whole = text.text() if text is not None else None
+            reason = "stop" if text is not None and text.stops.stopped else (
+                s.finish_reason or "length")
+            out.append(Completion(s.request_id, s.prompt_ids, s.output_ids, reason,
+                                  self.logits[s.request_id], s.logprobs, whole))
+        return out
 
 
 class ReferenceEngine:
     def __init__(self, model: DeepseekModel, block_size: int = 64, record_logits: bool = False,
-                 routed_fns=None):
+                 routed_fns=None, tokenizer=None):
         self.model = model
         self.cfg = model.cfg
         self.block_size = block_size
         self.record_logits = record_logits
         self.routed_fns = routed_fns  # layer -> replacement for its local experts
+        self.tokenizer = tokenizer  # for completions' text and stop strings (None: ids only)
         self.stats = EngineStats()
 
     def loop(self, requests: list[GenerationRequest]) -> GenerationLoop:
         return GenerationLoop(self.cfg, requests, self.block_size, self.model.dtype,
-                              self.model.device, self.record_logits, self.stats)
+                              self.model.device, self.record_logits, self.stats,
+                              self.tokenizer)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         loop = self.loop(requests)

@@ -18,7 +18,7 @@ import torch
 
 from services.common.load import InstanceLoad
 from services.engine.kv_cache import LatentKVCache, SeqChunk
-from services.engine.sampling import SamplingParams, sample_token
+from services.engine.sampling import SamplingParams, TokenLogprobs, choose
 from services.model.config import ModelConfig
 from services.prefill import metrics
 from services.prefill.prefix_reuse import NO_HIT, PrefixReuse
@@ -49,6 +49,7 @@ class PrefillOutput:
     latent: torch.Tensor
     seconds: float
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    first_logprobs: TokenLogprobs | None = None  # when the request asked for logprobs
 
 
 class PrefillCore:
@@ -148,13 +149,17 @@ class PrefillCore:
         for job, hit, row in zip(jobs, hits, logits, strict=True):
             if job.done.done():
                 continue
-            token = sample_token(row, job.params, step=job.step_offset)
+            # a migrated request's prompt ends with the tokens generated before: the penalties
+            # count them
+            generated = job.prompt_ids[len(job.prompt_ids) - job.step_offset:]
+            token, logprobs = choose(row, job.params, job.step_offset, generated)
             latent = cache.read(job.request_id, len(job.prompt_ids)).cpu()
             metrics.PROMPT_TOKENS.labels(cache="hit").inc(hit.tokens)
             metrics.PROMPT_TOKENS.labels(cache="miss").inc(len(job.prompt_ids) - hit.tokens)
             if self.prefix is not None:
                 self.prefix.store_later(job.prompt_ids, latent, job.tenant)
-            job.done.set_result(PrefillOutput(token, latent, seconds, cached_tokens=hit.tokens))
+            job.done.set_result(PrefillOutput(token, latent, seconds, cached_tokens=hit.tokens,
+                                              first_logprobs=logprobs))
 
     async def _chunked(self, job: PrefillJob, past: int, cache: LatentKVCache) -> torch.Tensor:
         """Chunked prefill: the prompt from `past` on in pieces of chunk_tokens, each attending

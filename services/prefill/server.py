@@ -72,7 +72,8 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
             nbytes = out.latent.numel() * out.latent.element_size()
             try:
                 ack = await self._decode_stub(request.decode_endpoint).TransferKV(
-                    kv_chunks(rid, out.latent, out.first_token, self.chunk_bytes),
+                    kv_chunks(rid, out.latent, out.first_token, self.chunk_bytes,
+                              out.first_logprobs),
                     timeout=transfer_deadline(nbytes, self.transfer_timeout_s))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # an earlier attempt's arrived

@@ -9,6 +9,10 @@ already streamed, the remaining max_tokens and the same sampling parameters with
 step offset by the tokens streamed, so greedy and seeded outputs are what an uninterrupted run
 gives. At most `migration_limit` moves per request; a request whose last token was already
 streamed (a stop token, max_tokens, the context) finishes here without a new attempt.
+
+Stop strings are matched here, on the detokenised text (engine/stop_strings.py, the matcher
+the reference engine uses): text that may begin one is held back, and when one matches the
+request ends at that token with finish_reason "stop" (the decode call is closed).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import grpc
 import structlog
 
 from services.engine.sampling_proto import params_to_proto
+from services.engine.stop_strings import StopStrings
 from services.model.detokenizer import IncrementalDetokenizer
 from services.model.tokenizer import Tokenizer
 from services.protos_gen.epserve.v1 import inference_pb2
@@ -63,7 +68,8 @@ class RequestFlow:
             outcome.completion_tokens = len(req.resume_ids)
             metrics.MIGRATIONS.labels(reason="resumed").inc()
         deadline = stream.t0 + self.timeout_s
-        if req.resume_ids and self._already_finished(req, stream.streamed) is not None:
+        if req.resume_ids and (stream.stops.stopped or self._already_finished(
+                req, stream.streamed) is not None):
             # everything was streamed before the client's router went away: only the end
             yield self._final(stream, outcome, self._already_finished(req, stream.streamed))
             return
@@ -111,9 +117,15 @@ class RequestFlow:
                 stream.streamed.append(event.token.token_id)
                 outcome.completion_tokens = stream.checker.received
                 metrics.COMPLETION_TOKENS.inc()
-                yield inference_pb2.GenerateResponse(delta=inference_pb2.TokenDelta(
+                delta = inference_pb2.TokenDelta(
                     index=base + event.token.seq, token_ids=[event.token.token_id],
-                    text=stream.detok.push(event.token.token_id)))
+                    text=stream.stops.push(stream.detok.push(event.token.token_id)))
+                if event.token.HasField("logprobs"):
+                    delta.logprobs.append(event.token.logprobs)
+                yield inference_pb2.GenerateResponse(delta=delta)
+                if stream.stops.stopped:  # a stop string: the request ends at this token
+                    yield self._final(stream, outcome, "stop")
+                    return
 
     def _plan(self, req: ValidRequest, streamed: list[int], migrations: int) -> AttemptPlan:
         sampling = params_to_proto(req.sampling)
@@ -149,12 +161,16 @@ class RequestFlow:
             return "length"
         return None
 
-    def _final(self, stream: _Stream, outcome: Outcome, reason: str
+    def _final(self, stream: _Stream, outcome: Outcome, reason: str | None
                ) -> inference_pb2.GenerateResponse:
         req = stream.req
+        text = stream.stops.push(stream.detok.flush())
+        text += stream.stops.flush()
+        if stream.stops.stopped:  # the held-back end of the text held a stop string
+            reason = "stop"
         outcome.finish_reason = reason
         return inference_pb2.GenerateResponse(final=inference_pb2.GenerateFinal(
-            request_id=req.request_id, finish_reason=reason, text=stream.detok.flush(),
+            request_id=req.request_id, finish_reason=reason, text=text,
             usage=inference_pb2.Usage(
                 prompt_tokens=len(req.prompt_ids), completion_tokens=stream.checker.received,
                 time_to_first_token_s=outcome.ttft_s,
@@ -170,8 +186,9 @@ class _Stream:
         self.req, self.t0 = req, t0
         self.checker = TokenSequenceChecker(req.sampling.max_tokens)
         self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids)
+        self.stops = StopStrings(req.sampling.stop)
         self.streamed: list[int] = list(req.resume_ids)
         self.checker.received = len(self.streamed)  # the client has these already
         for token in self.streamed:  # their text too: deltas continue after it
-            self.detok.push(token)
+            self.stops.push(self.detok.push(token))
         self.last_token_at: float | None = None

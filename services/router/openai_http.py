@@ -32,6 +32,9 @@ from services.auth.limiter import retry_after_header
 from services.protos_gen.epserve.v1 import inference_pb2
 from services.router.access import Throttled
 from services.router.flow import RequestFailed
+from services.router.openai_choices import Choices
+from services.router.openai_choices import usage as choices_usage
+from services.router.openai_logprobs import ChoiceLogprobs
 from services.router.openai_params import BadRequest, OpenAIRequest, parse_body
 from services.router.server import Gateway, new_request_id
 from services.router.validation import InvalidRequest
@@ -198,53 +201,64 @@ class OpenAIHttp:
             log.info("openai_request_user", request_id=rid, user=req.user[:128])
         kind = "chat.completion" if chat else "text_completion"
         created = int(time.time())
-        responses = self.gateway.generate(req.raw, api_key(request))
+        key = api_key(request)
+        choices = Choices.start(req.raw, req.n, lambda raw: self.gateway.generate(raw, key))
         try:
             try:
-                first = await anext(responses)  # refusals surface here, before any byte
+                await choices.first()  # refusals surface here, before any byte
             except RequestFailed as exc:
                 return _failure(exc, req)
-            except StopAsyncIteration:
-                return _error(500, f"{rid}: empty response", "internal", None, rid)
             if req.stream:
-                return await self._stream(request, req, created, chat, first, responses)
-            return await self._whole(req, kind, created, chat, first, responses)
+                return await self._stream(request, req, created, chat, choices)
+            return await self._whole(req, kind, created, chat, choices)
         finally:
-            # A client that goes away cancels this handler: closing the stream here runs the
-            # request's cleanup at once (the decode slot is freed, the usage record written).
-            await responses.aclose()
+            # A client that goes away cancels this handler: closing the choices here runs
+            # each request's cleanup at once (the decode slot is freed, the usage written).
+            await choices.close()
+
+    def _logprobs(self, chat: bool) -> ChoiceLogprobs:
+        return ChoiceLogprobs(chat, self.gateway.flow.tokenizer.token_bytes)
 
     @staticmethod
-    def _choice(chat: bool, text: str, finish: str | None, delta: dict | None) -> dict:
+    def _choice(chat: bool, index: int, text: str, finish: str | None, delta: dict | None,
+                logprobs: dict | None) -> dict:
         """One choice; `delta` is None for a whole response, else the chunk's delta fields
         besides the content (the first chat chunk names the role)."""
         if chat and delta is None:
-            return {"index": 0, "message": {"role": "assistant", "content": text,
-                                            "refusal": None},
-                    "finish_reason": finish, "logprobs": None}
+            return {"index": index, "message": {"role": "assistant", "content": text,
+                                                "refusal": None},
+                    "finish_reason": finish, "logprobs": logprobs}
         if chat:
-            return {"index": 0, "delta": {**delta, "content": text}, "finish_reason": finish,
-                    "logprobs": None}
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            return {"index": index, "delta": {**delta, "content": text},
+                    "finish_reason": finish, "logprobs": logprobs}
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
-    async def _whole(self, req, kind, created, chat, first, responses) -> web.Response:
-        pieces, final = [], None
+    async def _whole(self, req, kind, created, chat, choices: Choices) -> web.Response:
+        pieces = [[] for _ in range(req.n)]
+        finals: list = [None] * req.n
+        logprobs = [self._logprobs(chat) for _ in range(req.n)]
         try:
-            async for resp in _chain(first, responses):
+            async for i, resp in choices.events():
                 if resp.WhichOneof("kind") == "delta":
-                    pieces.append(resp.delta.text)
+                    pieces[i].append(resp.delta.text)
+                    logprobs[i].add(resp.delta)
                 else:
-                    final = resp.final
-                    pieces.append(final.text)
+                    finals[i] = resp.final
+                    pieces[i].append(resp.final.text)
         except RequestFailed as exc:
             return _failure(exc, req)
         rid = req.raw.request_id
+        if any(f is None for f in finals):
+            return _error(500, f"{rid}: a choice ended without its final message", "internal",
+                          None, rid)
+        asked = req.raw.logprobs is not None
         return web.json_response({
             "id": rid, "object": kind, "created": created, "model": self.gateway.limits.name,
-            "choices": [self._choice(chat, "".join(pieces), final.finish_reason, None)],
-            "usage": usage_object(final.usage)}, headers={"X-Request-Id": rid})
+            "choices": [self._choice(chat, i, "".join(pieces[i]), finals[i].finish_reason,
+                                     None, logprobs[i].whole(asked)) for i in range(req.n)],
+            "usage": usage_object(choices_usage(finals))}, headers={"X-Request-Id": rid})
 
-    async def _stream(self, request, req: OpenAIRequest, created, chat, first, responses
+    async def _stream(self, request, req: OpenAIRequest, created, chat, choices: Choices
                       ) -> web.StreamResponse:
         rid = req.raw.request_id
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -258,27 +272,24 @@ class OpenAIHttp:
                 "created": created, "model": self.gateway.limits.name}
         if chat and req.include_usage:
             base["usage"] = None  # as OpenAI: null on every chunk but the usage chunk
-        delta: dict | None = {"role": "assistant"}
+        # the first chat chunk of each choice names the role
+        deltas: list[dict] = [{"role": "assistant"} for _ in range(req.n)]
+        logprobs = [self._logprobs(chat) for _ in range(req.n)]
+        finals: list = []
         try:
-            async for resp in _chain(first, responses):
+            async for i, resp in choices.events():
                 if resp.WhichOneof("kind") == "delta":
-                    await send({**base, "choices": [self._choice(chat, resp.delta.text, None,
-                                                                 delta)]})
-                else:
-                    final = resp.final
                     await send({**base, "choices": [self._choice(
-                        chat, final.text, final.finish_reason, delta)]})
-                    if req.include_usage:
-                        await send({**base, "choices": [], "usage": usage_object(final.usage)})
-                delta = {}
+                        chat, i, resp.delta.text, None, deltas[i], logprobs[i].of(resp.delta))]})
+                else:
+                    finals.append(resp.final)
+                    await send({**base, "choices": [self._choice(
+                        chat, i, resp.final.text, resp.final.finish_reason, deltas[i], None)]})
+                deltas[i] = {}
+            if req.include_usage:  # after every choice's last chunk
+                await send({**base, "choices": [], "usage": usage_object(choices_usage(finals))})
         except RequestFailed as exc:  # headers are sent: the error travels as an event
             await send({"error": error_object(500, exc.message, exc.code.lower())})
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out
-
-
-async def _chain(first, rest):
-    yield first
-    async for item in rest:
-        yield item

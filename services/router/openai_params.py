@@ -4,11 +4,13 @@ RawRequest (pure, no I/O).
 Each parameter is one of three kinds, and none is ever silently ignored:
 
 served       model, prompt | messages, max_tokens (max_completion_tokens), temperature, top_p,
-             seed, stream, stream_options.include_usage, user and safety_identifier (logged),
-             and the extensions top_k, ignore_eos and stop_token_ids (as vLLM names them);
-neutral      accepted only at the value that changes nothing (OpenAI's default, e.g. n 1,
-             presence_penalty 0, logprobs false or null); any other value is refused;
-anything else (stop strings, tools, an unknown name) is refused.
+             seed, stop (strings), n, presence_penalty, frequency_penalty, logit_bias, logprobs
+             (and chat's top_logprobs), stream, stream_options.include_usage, user and
+             safety_identifier (logged), and the extensions top_k, ignore_eos and
+             stop_token_ids (as vLLM names them);
+neutral      accepted only at the value that changes nothing (OpenAI's default, e.g. echo
+             false, best_of 1, tools []); any other value is refused;
+anything else (tools, an unknown name) is refused.
 
 A refusal is `BadRequest` naming the parameter (`param`, OpenAI's error field). null is every
 known parameter's default.
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from services.router.validation import ChatTurn, RawRequest
 
 DEFAULT_MAX_TOKENS = 16
+MAX_CHOICES = 16  # n: each choice is a generation of its own (KV, a decode slot)
 
 
 class BadRequest(ValueError):
@@ -36,6 +39,7 @@ class OpenAIRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     user: str = ""  # user / safety_identifier: only logged
+    n: int = 1  # choices: choice i samples with seed + i (greedy choices are all the same)
     # RawRequest field -> the body's parameter, for the `param` of a later refusal
     params: dict[str, str] = field(default_factory=dict)
 
@@ -49,23 +53,11 @@ def _integer(x: object) -> bool:
 
 
 # name -> (what is accepted, the test)
-_COMMON_NEUTRAL: dict[str, tuple[str, Callable[[object], bool]]] = {
-    "n": ("1", lambda x: _integer(x) and x == 1),
-    "presence_penalty": ("0", lambda x: _number(x) and x == 0),
-    "frequency_penalty": ("0", lambda x: _number(x) and x == 0),
-    "logit_bias": ("{}", lambda x: x == {}),
-    "stop": ("[] (stop_token_ids ends on token ids)", lambda x: x == []),
-}
-NEUTRAL = {
-    False: {**_COMMON_NEUTRAL,
-            "logprobs": ("null", lambda x: False),  # 0 asks for the chosen tokens' logprobs
-            "echo": ("false", lambda x: x is False),
+NEUTRAL: dict[bool, dict[str, tuple[str, Callable[[object], bool]]]] = {
+    False: {"echo": ("false", lambda x: x is False),
             "best_of": ("1", lambda x: _integer(x) and x == 1),
             "suffix": ('""', lambda x: x == "")},
-    True: {**_COMMON_NEUTRAL,
-           "logprobs": ("false", lambda x: x is False),
-           "top_logprobs": ("0", lambda x: _integer(x) and x == 0),
-           "tools": ("[]", lambda x: x == []),
+    True: {"tools": ("[]", lambda x: x == []),
            "tool_choice": ('"none"', lambda x: x == "none"),
            "functions": ("[]", lambda x: x == []),
            "function_call": ('"none"', lambda x: x == "none"),
@@ -79,8 +71,10 @@ NEUTRAL = {
 }
 _SERVED_COMMON = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
                   "stream", "stream_options", "user", "safety_identifier", "top_k", "ignore_eos",
-                  "stop_token_ids")
-SERVED = {False: (*_SERVED_COMMON, "prompt"), True: (*_SERVED_COMMON, "messages")}
+                  "stop_token_ids", "stop", "n", "presence_penalty", "frequency_penalty",
+                  "logit_bias", "logprobs")
+SERVED = {False: (*_SERVED_COMMON, "prompt"),
+          True: (*_SERVED_COMMON, "messages", "top_logprobs")}
 
 
 def parse_body(body: object, chat: bool, request_id: str) -> OpenAIRequest:
@@ -100,19 +94,28 @@ def parse_body(body: object, chat: bool, request_id: str) -> OpenAIRequest:
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else (
         "max_tokens")
     model = _typed(body, "model", str, "")
+    n = _typed(body, "n", int, 1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"n must be in [1, {MAX_CHOICES}], got {n}", "n")
     raw = RawRequest(
         request_id=request_id, model=model, prompt=prompt, prompt_ids=prompt_ids,
         messages=messages, max_tokens=_typed(body, max_key, int, DEFAULT_MAX_TOKENS),
         temperature=_typed(body, "temperature", float, 1.0),
         top_p=_typed(body, "top_p", float, None), top_k=_typed(body, "top_k", int, 0),
         seed=_typed(body, "seed", int, None), stop_token_ids=tuple(stop_ids),
-        ignore_eos=_typed(body, "ignore_eos", bool, False))
+        ignore_eos=_typed(body, "ignore_eos", bool, False),
+        presence_penalty=_typed(body, "presence_penalty", float, 0.0),
+        frequency_penalty=_typed(body, "frequency_penalty", float, 0.0),
+        logit_bias=_logit_bias(body.get("logit_bias")), logprobs=_logprobs(body, chat),
+        stop=_stop(body.get("stop")))
     user = _typed(body, "user", str, "") or _typed(body, "safety_identifier", str, "")
     params = {"prompt": "prompt", "prompt_ids": "prompt", "messages": "messages",
               "max_tokens": max_key, "model": "model", "temperature": "temperature",
               "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-              "stop_token_ids": "stop_token_ids"}
-    return OpenAIRequest(raw, stream, include_usage, user, params)
+              "stop_token_ids": "stop_token_ids", "presence_penalty": "presence_penalty",
+              "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias",
+              "logprobs": "top_logprobs" if chat else "logprobs", "stop": "stop"}
+    return OpenAIRequest(raw, stream, include_usage, user, n=n, params=params)
 
 
 def _refuse_what_is_not_served(body: dict, chat: bool) -> None:
@@ -140,6 +143,45 @@ def _typed(body: dict, key: str, kind: type, default):
         what = {bool: "a boolean", str: "a string", int: "an integer", float: "a number"}[kind]
         raise BadRequest(f"{key} must be {what}, got {value!r}", key)
     return kind(value)
+
+
+def _stop(stop: object) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise BadRequest("stop must be a string or a list of strings", "stop")
+
+
+def _logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias} (JSON keys are strings) as (id, bias) pairs."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise BadRequest("logit_bias must be an object mapping token ids to numbers",
+                         "logit_bias")
+    out = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10) or not _number(value):
+            raise BadRequest(f"logit_bias maps token ids (strings of digits) to numbers, got "
+                             f"{key[:20]!r}: {value!r}", "logit_bias")
+        out.append((int(key), float(value)))
+    return tuple(out)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token (None: no logprobs). Completions: `logprobs` is that
+    number; chat: `logprobs` true turns them on and `top_logprobs` is the number."""
+    if not chat:
+        return _typed(body, "logprobs", int, None)
+    top = _typed(body, "top_logprobs", int, None)
+    if not _typed(body, "logprobs", bool, False):
+        if top is not None:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    return top or 0
 
 
 def _prompt(p: object) -> tuple[str, tuple[int, ...]]:

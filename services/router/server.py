@@ -54,7 +54,10 @@ def raw_request(request: inference_pb2.GenerateRequest, request_id: str) -> RawR
         max_tokens=s.max_tokens, temperature=s.temperature,
         top_p=s.top_p if s.HasField("top_p") else None, top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos, resume_token_ids=tuple(request.resume_token_ids))
+        ignore_eos=s.ignore_eos, resume_token_ids=tuple(request.resume_token_ids),
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+        logit_bias=tuple(s.logit_bias.items()),
+        logprobs=s.logprobs if s.HasField("logprobs") else None, stop=tuple(s.stop))
 
 
 class Gateway:

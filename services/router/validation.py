@@ -55,6 +55,11 @@ class RawRequest:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     resume_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) in any order
+    logprobs: int | None = None  # None: off; n: each token's logprob and n alternatives'
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class ValidRequest:
 def validate(raw: RawRequest, limits: ModelLimits, encoder: PromptEncoder) -> ValidRequest:
     sampling = check_before_encoding(raw, limits)
     _check_ids("stop_token_ids", raw.stop_token_ids, limits.vocab_size)
+    _check_ids("logit_bias", [t for t, _ in raw.logit_bias], limits.vocab_size)
     prompt_ids = encode_prompt(raw, encoder)
     _check_ids("prompt_ids", prompt_ids, limits.vocab_size)
     check_lengths(len(prompt_ids), sampling.max_tokens, limits.context_length,
@@ -161,21 +167,31 @@ def sampling_params(raw: RawRequest) -> SamplingParams:
     """The engine's SamplingParams, with its own checks; NaN and infinity are refused too."""
     if raw.max_tokens <= 0:
         raise InvalidRequest(f"max_tokens must be > 0, got {raw.max_tokens}", "max_tokens")
-    for name, value in (("temperature", raw.temperature), ("top_p", raw.top_p)):
+    for name, value in (("temperature", raw.temperature), ("top_p", raw.top_p),
+                        ("presence_penalty", raw.presence_penalty),
+                        ("frequency_penalty", raw.frequency_penalty)):
         if value is not None and not math.isfinite(value):
             raise InvalidRequest(f"{name} must be a finite number, got {value}", name)
+    ids = [t for t, _ in raw.logit_bias]
+    if len(set(ids)) != len(ids):
+        raise InvalidRequest("logit_bias names a token id twice", "logit_bias")
     try:
         return SamplingParams(
             max_tokens=raw.max_tokens, temperature=float(raw.temperature),
             top_p=1.0 if raw.top_p is None else float(raw.top_p), top_k=raw.top_k,
-            seed=raw.seed, stop_token_ids=tuple(raw.stop_token_ids), ignore_eos=raw.ignore_eos)
+            seed=raw.seed, stop_token_ids=tuple(raw.stop_token_ids), ignore_eos=raw.ignore_eos,
+            presence_penalty=float(raw.presence_penalty),
+            frequency_penalty=float(raw.frequency_penalty),
+            logit_bias=tuple(sorted((int(t), float(b)) for t, b in raw.logit_bias)),
+            logprobs=raw.logprobs, stop=tuple(raw.stop))
     except ValueError as exc:  # SamplingParams' messages begin with the field's name
         field_name = str(exc).split(" ", 1)[0]
         raise InvalidRequest(str(exc), field_name if field_name in _SAMPLING_FIELDS else None
                              ) from exc
 
 
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids")
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids",
+                    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "stop")
 
 
 def encode_prompt(raw: RawRequest, encoder: PromptEncoder) -> tuple[int, ...]:

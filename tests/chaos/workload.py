@@ -2,7 +2,8 @@
 
 Requests: distinct prompts (random token ids, so a token that leaks from one stream into
 another is detectable), half greedy, half seeded sampling with an explicit seed (temperature,
-top-p, top-k vary), a few without ignore_eos; one in four goes through the real `openai`
+top-p, top-k vary), one in three with presence / frequency penalties, a few without
+ignore_eos; one in four goes through the real `openai`
 package to a router's OpenAI-compatible HTTP API, the rest through services/client.py's
 InferenceClient over gRPC with both routers (a request whose router fails with UNAVAILABLE is
 sent again to the next router, or resumed there mid-stream). The OpenAI side gets what the
@@ -41,12 +42,15 @@ class Planned:
 def _params(i: int, seed_base: int) -> SamplingParams:
     max_tokens = (6, 9, 12, 5, 8, 10)[i % 6]
     ignore_eos = i % 10 != 9
+    # One request in three carries presence / frequency penalties, which count the tokens
+    # generated before a migration too (negative ones: the random models rarely repeat).
+    penalties = {"presence_penalty": -1.0, "frequency_penalty": -0.5} if i % 3 == 1 else {}
     if i % 2 == 0:
-        return SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+        return SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, **penalties)
     k = (i // 2) % 3
     return SamplingParams(max_tokens=max_tokens, temperature=(0.7, 0.9, 1.2)[k],
                           top_p=(1.0, 0.9, 0.95)[k], top_k=(0, 20, 0)[k],
-                          seed=seed_base + i, ignore_eos=ignore_eos)
+                          seed=seed_base + i, ignore_eos=ignore_eos, **penalties)
 
 
 def plan(scenario: int, n: int, burst: int, vocab: int, burst_prompt_tokens: int = 0
@@ -140,7 +144,8 @@ def openai_clients(urls: list[str]) -> list[openai.AsyncOpenAI]:
 
 def _body(r: Planned) -> tuple[dict, dict]:
     p = r.params
-    args = {"max_tokens": p.max_tokens, "temperature": p.temperature}
+    args = {"max_tokens": p.max_tokens, "temperature": p.temperature,
+            "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty}
     if not p.greedy:
         args |= {"top_p": p.top_p, "seed": p.seed}
     return args, {"top_k": p.top_k, "ignore_eos": p.ignore_eos}

@@ -226,15 +226,16 @@ def test_parameters_at_their_defaults_are_accepted(client, model):
 
 COMPLETION_REFUSALS = [
     ({"max_tokens": 0}, "max_tokens"),
-    ({"stop": ["\n"]}, "stop"),
-    ({"n": 2}, "n"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"stop": [""]}, "stop"),
+    ({"n": 17}, "n"),
+    ({"logprobs": 21}, "logprobs"),
     ({"echo": True}, "echo"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "!"}, "suffix"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1.0}, "frequency_penalty"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3.0}, "frequency_penalty"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"999999": 1}}, "logit_bias"),  # outside the vocabulary
     ({"top_p": 2.0}, "top_p"),
     ({"extra_body": {"no_such_parameter": 1}}, "no_such_parameter"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
@@ -252,11 +253,11 @@ def test_completion_refusal_is_an_error_response_naming_the_parameter(client, mo
 
 
 CHAT_REFUSALS = [
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"n": 3}, "n"),
-    ({"presence_penalty": 1.0}, "presence_penalty"),
-    ({"stop": "END"}, "stop"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"n": 0}, "n"),
+    ({"presence_penalty": 3.0}, "presence_penalty"),
+    ({"stop": ["x"] * 17}, "stop"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"extra_body": {"messages": [{"role": "user", "content": 5}]}}, "messages"),

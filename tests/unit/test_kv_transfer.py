@@ -273,3 +273,15 @@ def test_unsupported_dtype_is_invalid_argument():
     with pytest.raises(TransferError, match="unsupported tensor dtype") as exc_info:
         a.tensor(torch.float32)
     assert code_of(exc_info) == "INVALID_ARGUMENT"
+
+
+def test_the_first_tokens_logprobs_travel_with_the_kv_under_the_checksum():
+    from services.engine.sampling import TokenLogprobs
+    lp = TokenLogprobs(11, -0.25, ((11, -0.25), (3, -1.5)))
+    chunks = [copy(c) for c in kv_chunks("req-1", latent(), 11, chunk_bytes=1000,
+                                         first_logprobs=lp)]
+    assert assemble(chunks).first_token_logprobs == lp
+    assert assemble(chunks_of()).first_token_logprobs is None  # not asked for
+    chunks[0].first_token_logprobs.logprob = -0.1  # altered in flight
+    with pytest.raises(TransferError, match="checksum mismatch"):
+        assemble(chunks)

@@ -58,3 +58,40 @@ def test_bad_requests_rejected(tiny):
         eng.generate([_req(0, [])])
     with pytest.raises(ValueError, match="outside vocab"):
         eng.generate([_req(0, [tiny.cfg.vocab_size])])
+
+
+def test_stop_strings_end_at_the_token_that_completes_them(tiny, tiny_model_dir):
+    from services.model.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    engine = ReferenceEngine(tiny, tokenizer=tok)
+    free = engine.generate([_req(0, [3, 4, 5], max_tokens=24, ignore_eos=True)])[0]
+    assert free.text == tok.decode(free.token_ids)
+    # a stop string taken from the middle of the free text
+    cut = next(i for i in range(1, len(free.token_ids))
+               if tok.decode(free.token_ids[:i]).strip())
+    before = tok.decode(free.token_ids[:cut])
+    stop = tok.decode(free.token_ids[:cut + 1])[len(before):]
+    assert stop, "the token after the first text adds text of its own"
+    stopped = engine.generate([_req(0, [3, 4, 5], max_tokens=24, ignore_eos=True,
+                                    stop=(stop,))])[0]
+    first = free.text.find(stop)
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[:first]
+    assert stopped.token_ids == free.token_ids[:len(stopped.token_ids)]
+    assert tok.decode(stopped.token_ids).find(stop) >= 0  # the last token completed it
+    assert tok.decode(stopped.token_ids[:-1]).find(stop) < 0
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(tiny):
+    with pytest.raises(ValueError, match="tokenizer"):
+        ReferenceEngine(tiny).generate([_req(0, [3, 4], max_tokens=4, stop=("x",))])
+
+
+def test_logprobs_match_the_recorded_logits(tiny):
+    c = ReferenceEngine(tiny, record_logits=True).generate(
+        [_req(0, [3, 4, 5], max_tokens=6, ignore_eos=True, logprobs=3)])[0]
+    assert [lp.token_id for lp in c.logprobs] == c.token_ids
+    for lp, logits in zip(c.logprobs, c.logits, strict=True):
+        expect = torch.log_softmax(logits, -1)
+        assert lp.logprob == pytest.approx(float(expect[lp.token_id]))
+        assert lp.top[0][0] == lp.token_id  # greedy: the chosen token is the likeliest
+        assert len(lp.top) == 3

@@ -43,17 +43,42 @@ def test_chat_messages_and_max_completion_tokens():
     assert req.params["prompt_ids"] == "prompt"
 
 
+def test_the_sampling_parameters_openai_names_are_served():
+    req = parse_body({"prompt": "hi", "n": 3, "presence_penalty": 0.5,
+                      "frequency_penalty": -1, "logit_bias": {"7": -100, "12": 3.5},
+                      "stop": ["\n\n", "END"], "logprobs": 2}, False, "r")
+    raw = req.raw
+    assert req.n == 3 and (raw.presence_penalty, raw.frequency_penalty) == (0.5, -1.0)
+    assert raw.logit_bias == ((7, -100.0), (12, 3.5)) and raw.stop == ("\n\n", "END")
+    assert raw.logprobs == 2 and req.params["logprobs"] == "logprobs"
+
+
+def test_one_stop_string_and_null_defaults():
+    assert parse_body({"prompt": "hi", "stop": "x"}, False, "r").raw.stop == ("x",)
+    raw = parse_body({"prompt": "hi", "stop": None, "n": None, "logprobs": None,
+                      "logit_bias": None, "presence_penalty": None}, False, "r").raw
+    assert (raw.stop, raw.logprobs, raw.logit_bias, raw.presence_penalty) == ((), None, (), 0.0)
+
+
+def test_chat_logprobs_is_a_switch_and_top_logprobs_the_number():
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    assert parse_body({**chat, "logprobs": True}, True, "r").raw.logprobs == 0
+    req = parse_body({**chat, "logprobs": True, "top_logprobs": 5}, True, "r")
+    assert req.raw.logprobs == 5 and req.params["logprobs"] == "top_logprobs"
+    assert parse_body({**chat, "logprobs": False}, True, "r").raw.logprobs is None
+    assert refused({**chat, "top_logprobs": 2}, chat=True).param == "top_logprobs"
+    assert refused({**chat, "logprobs": 3}, chat=True).param == "logprobs"
+
+
 @pytest.mark.parametrize("key, value", [
-    ("n", 1), ("presence_penalty", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0),
-    ("logit_bias", {}), ("stop", []), ("echo", False), ("best_of", 1), ("suffix", ""),
-    ("logprobs", None), ("stop", None), ("n", None),
+    ("echo", False), ("best_of", 1), ("suffix", ""), ("echo", None),
 ])
 def test_completion_parameters_at_the_value_that_changes_nothing(key, value):
     assert parse_body({"prompt": "hi", key: value}, False, "r").raw.prompt == "hi"
 
 
 @pytest.mark.parametrize("key, value", [
-    ("logprobs", False), ("top_logprobs", 0), ("tools", []), ("tool_choice", "none"),
+    ("tools", []), ("tool_choice", "none"),
     ("parallel_tool_calls", True), ("response_format", {"type": "text"}),
     ("modalities", ["text"]), ("store", False), ("service_tier", "auto"),
 ])
@@ -63,24 +88,30 @@ def test_chat_parameters_at_the_value_that_changes_nothing(key, value):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("n", 2), ("n", True), ("presence_penalty", 0.1), ("frequency_penalty", -2),
-    ("logprobs", 0), ("logprobs", 1), ("echo", True), ("best_of", 2), ("suffix", "x"),
-    ("stop", ["\n"]), ("stop", "x"), ("logit_bias", {"1": 5}), ("tools", [{}]),
-    ("frobnicate", 1),
+    ("echo", True), ("best_of", 2), ("suffix", "x"), ("tools", [{}]), ("frobnicate", 1),
 ])
 def test_anything_else_is_refused_naming_the_parameter(key, value):
     err = refused({"prompt": "hi", key: value})
     assert err.param == key and repr(key) in str(err)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("n", 0), ("n", 17), ("n", True), ("n", 1.5), ("stop", 5), ("stop", ["a", 1]),
+    ("logit_bias", []), ("logit_bias", {"a": 1}), ("logit_bias", {"-1": 1}),
+    ("logit_bias", {"1": "x"}), ("presence_penalty", "x"), ("logprobs", True),
+])
+def test_bad_values_of_served_parameters_name_them(key, value):
+    assert refused({"prompt": "hi", key: value}).param == key
+
+
 def test_a_chat_only_parameter_is_unknown_to_completions_and_the_reverse():
     assert refused({"prompt": "hi", "tools": []}).param == "tools"
+    assert refused({"prompt": "hi", "top_logprobs": 1}).param == "top_logprobs"
     assert refused({"messages": [], "echo": False}, chat=True).param == "echo"
-    assert refused({"messages": [], "logprobs": True}, chat=True).param == "logprobs"
 
 
 def test_the_error_says_what_would_be_accepted():
-    assert "only 0 is accepted" in str(refused({"prompt": "hi", "presence_penalty": 1}))
+    assert "only false is accepted" in str(refused({"prompt": "hi", "echo": True}))
 
 
 @pytest.mark.parametrize("body, param", [

@@ -24,37 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65pserve/v1/inference.proto\x12\nepserve.v1\"\xae\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.epserve.v1.ChatMessage\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\r\"\xb1\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\x12\x1f\n\x17prompt_cache_hit_tokens\x18\x05 \x01(\r\x12 \n\x18prompt_cache_miss_tokens\x18\x06 \x01(\r\"<\n\nTokenDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\"j\n\rGenerateFinal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.epserve.v1.Usage\x12\x0c\n\x04text\x18\x04 \x01(\t\"o\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.epserve.v1.TokenDeltaH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.epserve.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"j\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.epserve.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x64_bos\x18\x04 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x13\n\x11ListModelsRequest\"\x89\x01\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0erouted_experts\x18\x05 \x01(\r\x12\x16\n\x0e\x61\x63tive_experts\x18\x06 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.epserve.v1.ModelCard2\xe8\x01\n\tInference\x12G\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.epserve.v1.TokenizeRequest\x1a\x1c.epserve.v1.TokenizeResponse\x12K\n\nListModels\x12\x1d.epserve.v1.ListModelsRequest\x1a\x1e.epserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65pserve/v1/inference.proto\x12\nepserve.v1\"\x86\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x01\x12=\n\nlogit_bias\x18\n \x03(\x0b\x32).epserve.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"E\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.epserve.v1.TopLogprob\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.epserve.v1.ChatMessage\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\r\"\xb1\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\x12\x1f\n\x17prompt_cache_hit_tokens\x18\x05 \x01(\r\x12 \n\x18prompt_cache_miss_tokens\x18\x06 \x01(\r\"i\n\nTokenDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.epserve.v1.TokenLogprobs\"j\n\rGenerateFinal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.epserve.v1.Usage\x12\x0c\n\x04text\x18\x04 \x01(\t\"o\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.epserve.v1.TokenDeltaH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.epserve.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"j\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.epserve.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x64_bos\x18\x04 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x13\n\x11ListModelsRequest\"\x89\x01\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0erouted_experts\x18\x05 \x01(\r\x12\x16\n\x0e\x61\x63tive_experts\x18\x06 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.epserve.v1.ModelCard2\xe8\x01\n\tInference\x12G\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.epserve.v1.TokenizeRequest\x1a\x1c.epserve.v1.TokenizeResponse\x12K\n\nListModels\x12\x1d.epserve.v1.ListModelsRequest\x1a\x1e.epserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=43
-  _globals['_SAMPLINGPARAMS']._serialized_end=217
-  _globals['_CHATMESSAGE']._serialized_start=219
-  _globals['_CHATMESSAGE']._serialized_end=263
-  _globals['_GENERATEREQUEST']._serialized_start=266
-  _globals['_GENERATEREQUEST']._serialized_end=469
-  _globals['_USAGE']._serialized_start=472
-  _globals['_USAGE']._serialized_end=649
-  _globals['_TOKENDELTA']._serialized_start=651
-  _globals['_TOKENDELTA']._serialized_end=711
-  _globals['_GENERATEFINAL']._serialized_start=713
-  _globals['_GENERATEFINAL']._serialized_end=819
-  _globals['_GENERATERESPONSE']._serialized_start=821
-  _globals['_GENERATERESPONSE']._serialized_end=932
-  _globals['_TOKENIZEREQUEST']._serialized_start=934
-  _globals['_TOKENIZEREQUEST']._serialized_end=1040
-  _globals['_TOKENIZERESPONSE']._serialized_start=1042
-  _globals['_TOKENIZERESPONSE']._serialized_end=1079
-  _globals['_LISTMODELSREQUEST']._serialized_start=1081
-  _globals['_LISTMODELSREQUEST']._serialized_end=1100
-  _globals['_MODELCARD']._serialized_start=1103
-  _globals['_MODELCARD']._serialized_end=1240
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1242
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1301
-  _globals['_INFERENCE']._serialized_start=1304
-  _globals['_INFERENCE']._serialized_end=1536
+  _globals['_SAMPLINGPARAMS']._serialized_end=433
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=353
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=401
+  _globals['_TOPLOGPROB']._serialized_start=435
+  _globals['_TOPLOGPROB']._serialized_end=482
+  _globals['_TOKENLOGPROBS']._serialized_start=484
+  _globals['_TOKENLOGPROBS']._serialized_end=553
+  _globals['_CHATMESSAGE']._serialized_start=555
+  _globals['_CHATMESSAGE']._serialized_end=599
+  _globals['_GENERATEREQUEST']._serialized_start=602
+  _globals['_GENERATEREQUEST']._serialized_end=805
+  _globals['_USAGE']._serialized_start=808
+  _globals['_USAGE']._serialized_end=985
+  _globals['_TOKENDELTA']._serialized_start=987
+  _globals['_TOKENDELTA']._serialized_end=1092
+  _globals['_GENERATEFINAL']._serialized_start=1094
+  _globals['_GENERATEFINAL']._serialized_end=1200
+  _globals['_GENERATERESPONSE']._serialized_start=1202
+  _globals['_GENERATERESPONSE']._serialized_end=1313
+  _globals['_TOKENIZEREQUEST']._serialized_start=1315
+  _globals['_TOKENIZEREQUEST']._serialized_end=1421
+  _globals['_TOKENIZERESPONSE']._serialized_start=1423
+  _globals['_TOKENIZERESPONSE']._serialized_end=1460
+  _globals['_LISTMODELSREQUEST']._serialized_start=1462
+  _globals['_LISTMODELSREQUEST']._serialized_end=1481
+  _globals['_MODELCARD']._serialized_start=1484
+  _globals['_MODELCARD']._serialized_end=1621
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1623
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1682
+  _globals['_INFERENCE']._serialized_start=1685
+  _globals['_INFERENCE']._serialized_end=1917
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from services.protos_gen.epserve.v1 import inference_pb2 as epserve_dot_v1_dot_i
 from services.protos_gen.epserve.v1 import tensor_pb2 as epserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pserve/v1/serving.proto\x12\nepserve.v1\x1a\x1a\x65pserve/v1/inference.proto\x1a\x17\x65pserve/v1/tensor.proto\"z\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x13\n\x0bstep_offset\x18\x04 \x01(\r\"\x1d\n\x0b\x44\x65\x63odeAlive\x12\x0e\n\x06tokens\x18\x01 \x01(\r\":\n\x0c\x44\x65\x63odeQueued\x12\x13\n\x0b\x66ree_blocks\x18\x01 \x01(\r\x12\x15\n\rneeded_blocks\x18\x02 \x01(\r\">\n\x0e\x44\x65\x63odeAccepted\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x17\n\x0freserved_blocks\x18\x02 \x01(\r\",\n\x0b\x44\x65\x63odeToken\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\"B\n\x0e\x44\x65\x63odeFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf5\x01\n\x0b\x44\x65\x63odeEvent\x12.\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1a.epserve.v1.DecodeAcceptedH\x00\x12(\n\x05token\x18\x02 \x01(\x0b\x32\x17.epserve.v1.DecodeTokenH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.DecodeFinishedH\x00\x12*\n\x06queued\x18\x04 \x01(\x0b\x32\x18.epserve.v1.DecodeQueuedH\x00\x12(\n\x05\x61live\x18\x05 \x01(\x0b\x32\x17.epserve.v1.DecodeAliveH\x00\x42\x06\n\x04kind\"\xa4\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x17\n\x0f\x64\x65\x63ode_endpoint\x18\x04 \x01(\t\x12\x13\n\x0bstep_offset\x18\x05 \x01(\r\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"\xac\x01\n\rPrefillResult\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\"\xb3\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.epserve.v1.DType\x12\r\n\x05shape\x18\x06 \x03(\x03\x12\x13\n\x0b\x66irst_token\x18\x07 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\x0c\"2\n\rKVTransferAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\x8a\x01\n\x06\x44\x65\x63ode\x12@\n\x08Generate\x12\x19.epserve.v1.DecodeRequest\x1a\x17.epserve.v1.DecodeEvent0\x01\x12>\n\nTransferKV\x12\x13.epserve.v1.KVChunk\x1a\x19.epserve.v1.KVTransferAck(\x01\x32K\n\x07Prefill\x12@\n\x07Prefill\x12\x1a.epserve.v1.PrefillRequest\x1a\x19.epserve.v1.PrefillResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pserve/v1/serving.proto\x12\nepserve.v1\x1a\x1a\x65pserve/v1/inference.proto\x1a\x17\x65pserve/v1/tensor.proto\"z\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x13\n\x0bstep_offset\x18\x04 \x01(\r\"\x1d\n\x0b\x44\x65\x63odeAlive\x12\x0e\n\x06tokens\x18\x01 \x01(\r\":\n\x0c\x44\x65\x63odeQueued\x12\x13\n\x0b\x66ree_blocks\x18\x01 \x01(\r\x12\x15\n\rneeded_blocks\x18\x02 \x01(\r\">\n\x0e\x44\x65\x63odeAccepted\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x17\n\x0freserved_blocks\x18\x02 \x01(\r\"Y\n\x0b\x44\x65\x63odeToken\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12+\n\x08logprobs\x18\x03 \x01(\x0b\x32\x19.epserve.v1.TokenLogprobs\"B\n\x0e\x44\x65\x63odeFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf5\x01\n\x0b\x44\x65\x63odeEvent\x12.\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1a.epserve.v1.DecodeAcceptedH\x00\x12(\n\x05token\x18\x02 \x01(\x0b\x32\x17.epserve.v1.DecodeTokenH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.DecodeFinishedH\x00\x12*\n\x06queued\x18\x04 \x01(\x0b\x32\x18.epserve.v1.DecodeQueuedH\x00\x12(\n\x05\x61live\x18\x05 \x01(\x0b\x32\x17.epserve.v1.DecodeAliveH\x00\x42\x06\n\x04kind\"\xa4\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x17\n\x0f\x64\x65\x63ode_endpoint\x18\x04 \x01(\t\x12\x13\n\x0bstep_offset\x18\x05 \x01(\r\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"\xac\x01\n\rPrefillResult\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\"\xec\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.epserve.v1.DType\x12\r\n\x05shape\x18\x06 \x03(\x03\x12\x13\n\x0b\x66irst_token\x18\x07 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\x0c\x12\x37\n\x14\x66irst_token_logprobs\x18\n \x01(\x0b\x32\x19.epserve.v1.TokenLogprobs\"2\n\rKVTransferAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\x8a\x01\n\x06\x44\x65\x63ode\x12@\n\x08Generate\x12\x19.epserve.v1.DecodeRequest\x1a\x17.epserve.v1.DecodeEvent0\x01\x12>\n\nTransferKV\x12\x13.epserve.v1.KVChunk\x1a\x19.epserve.v1.KVTransferAck(\x01\x32K\n\x07Prefill\x12@\n\x07Prefill\x12\x1a.epserve.v1.PrefillRequest\x1a\x19.epserve.v1.PrefillResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEACCEPTED']._serialized_start=308
   _globals['_DECODEACCEPTED']._serialized_end=370
   _globals['_DECODETOKEN']._serialized_start=372
-  _globals['_DECODETOKEN']._serialized_end=416
-  _globals['_DECODEFINISHED']._serialized_start=418
-  _globals['_DECODEFINISHED']._serialized_end=484
-  _globals['_DECODEEVENT']._serialized_start=487
-  _globals['_DECODEEVENT']._serialized_end=732
-  _globals['_PREFILLREQUEST']._serialized_start=735
-  _globals['_PREFILLREQUEST']._serialized_end=899
-  _globals['_PREFILLRESULT']._serialized_start=902
-  _globals['_PREFILLRESULT']._serialized_end=1074
-  _globals['_KVCHUNK']._serialized_start=1077
-  _globals['_KVCHUNK']._serialized_end=1256
-  _globals['_KVTRANSFERACK']._serialized_start=1258
-  _globals['_KVTRANSFERACK']._serialized_end=1308
-  _globals['_DECODE']._serialized_start=1311
-  _globals['_DECODE']._serialized_end=1449
-  _globals['_PREFILL']._serialized_start=1451
-  _globals['_PREFILL']._serialized_end=1526
+  _globals['_DECODETOKEN']._serialized_end=461
+  _globals['_DECODEFINISHED']._serialized_start=463
+  _globals['_DECODEFINISHED']._serialized_end=529
+  _globals['_DECODEEVENT']._serialized_start=532
+  _globals['_DECODEEVENT']._serialized_end=777
+  _globals['_PREFILLREQUEST']._serialized_start=780
+  _globals['_PREFILLREQUEST']._serialized_end=944
+  _globals['_PREFILLRESULT']._serialized_start=947
+  _globals['_PREFILLRESULT']._serialized_end=1119
+  _globals['_KVCHUNK']._serialized_start=1122
+  _globals['_KVCHUNK']._serialized_end=1358
+  _globals['_KVTRANSFERACK']._serialized_start=1360
+  _globals['_KVTRANSFERACK']._serialized_end=1410
+  _globals['_DECODE']._serialized_start=1413
+  _globals['_DECODE']._serialized_end=1551
+  _globals['_PREFILL']._serialized_start=1553
+  _globals['_PREFILL']._serialized_end=1628
 # @@protoc_insertion_point(module_scope)

@@ -43,12 +43,14 @@ class DecodeAccepted(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., reserved_blocks: _Optional[int] = ...) -> None: ...
 
 class DecodeToken(_message.Message):
-    __slots__ = ("seq", "token_id")
+    __slots__ = ("seq", "token_id", "logprobs")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     token_id: int
-    def __init__(self, seq: _Optional[int] = ..., token_id: _Optional[int] = ...) -> None: ...
+    logprobs: _inference_pb2.TokenLogprobs
+    def __init__(self, seq: _Optional[int] = ..., token_id: _Optional[int] = ..., logprobs: _Optional[_Union[_inference_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class DecodeFinished(_message.Message):
     __slots__ = ("finish_reason", "completion_tokens")
@@ -107,7 +109,7 @@ class PrefillResult(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., first_token: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "index", "last", "data", "dtype", "shape", "first_token", "total_bytes", "sha256")
+    __slots__ = ("request_id", "index", "last", "data", "dtype", "shape", "first_token", "total_bytes", "sha256", "first_token_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,7 @@ class KVChunk(_message.Message):
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     last: bool
@@ -126,7 +129,8 @@ class KVChunk(_message.Message):
     first_token: int
     total_bytes: int
     sha256: bytes
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    first_token_logprobs: _inference_pb2.TokenLogprobs
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., first_token_logprobs: _Optional[_Union[_inference_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class KVTransferAck(_message.Message):
     __slots__ = ("request_id", "bytes")
