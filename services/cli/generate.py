@@ -32,6 +32,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop-token-ids", default="", help="comma-separated ids that end generation")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--stop", action="append", default=[],
+                   help="a stop string (repeat for more): the text ends before it")
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--logit-bias", default="",
+                   help="comma-separated ID:BIAS pairs added to those tokens' logits")
+    p.add_argument("--logprobs", type=int, default=None,
+                   help="with --json: each token's logprob and this many alternatives'")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
 
@@ -72,9 +80,22 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
             stop_token_ids=tuple(_ids(args.stop_token_ids, "--stop-token-ids")),
+            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+            logit_bias=_logit_bias(args.logit_bias), logprobs=args.logprobs,
+            stop=tuple(args.stop),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
+
+
+def _logit_bias(text: str) -> tuple[tuple[int, float], ...]:
+    try:
+        pairs = [(int(k), float(v)) for k, v in (p.split(":") for p in text.split(",")
+                                                  if p.strip())]
+    except ValueError as exc:
+        raise CliError(f"--logit-bias must be comma-separated ID:BIAS pairs, got {text!r}"
+                       ) from exc
+    return tuple(sorted(dict(pairs).items()))
 
 
 def prompt_ids(args: argparse.Namespace, tokenizer) -> list[list[int]]:
@@ -103,18 +124,20 @@ def load_tokenizer(model_dir: str):
 
 def print_completions(args, tokenizer, completions) -> None:
     for c in completions:
-        text = tokenizer.decode(c.token_ids, skip_special_tokens=True) if tokenizer else ""
+        text = c.text if c.text is not None else (
+            tokenizer.decode(c.token_ids, skip_special_tokens=True) if tokenizer else "")
         if args.json:
-            print(json.dumps({
-                "request_id": c.request_id, "prompt_ids": c.prompt_ids, "token_ids": c.token_ids,
-                "text": text, "finish_reason": c.finish_reason,
-                "prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.token_ids),
-            }))
+            row = {"request_id": c.request_id, "prompt_ids": c.prompt_ids,
+                   "token_ids": c.token_ids, "text": text, "finish_reason": c.finish_reason,
+                   "prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.token_ids)}
+            if c.logprobs:
+                row["logprobs"] = _logprobs_json(c.logprobs)
+            print(json.dumps(row))
         else:
             print(text if tokenizer else " ".join(map(str, c.token_ids)))
 
 
-async def _generate_ep(args: argparse.Namespace, model, requests):
+async def _generate_ep(args: argparse.Namespace, model, requests, tokenizer=None):
     """Routed experts on worker processes: started here (and stopped by pid) or given."""
     workers = None
     try:
@@ -130,7 +153,7 @@ async def _generate_ep(args: argparse.Namespace, model, requests):
             endpoints = [e.strip() for e in args.expert_endpoints.split(",") if e.strip()]
         client = await ExpertClient.connect(endpoints, wire=args.wire)
         try:
-            return await EPEngine(model, client).generate(requests)
+            return await EPEngine(model, client).generate(requests, tokenizer)
         finally:
             await client.close()
     finally:
@@ -157,8 +180,14 @@ async def _generate_remote(args: argparse.Namespace, params: SamplingParams) -> 
             raise CliError(f"{exc.code().name}: {exc.details()}") from exc
     return [{"request_id": c.request_id, "token_ids": c.token_ids, "text": c.text,
              "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-             "completion_tokens": len(c.token_ids), "ttft_s": round(c.ttft_s, 4)}
+             "completion_tokens": len(c.token_ids), "ttft_s": round(c.ttft_s, 4),
+             **({"logprobs": _logprobs_json(c.logprobs)} if c.logprobs else {})}
             for c in done]
+
+
+def _logprobs_json(logprobs) -> list[dict]:
+    return [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+            for lp in logprobs]
 
 
 def request_ids(given: list[str], prompts: int, prefix: str) -> list[str]:
@@ -201,9 +230,9 @@ def _run(args: argparse.Namespace) -> int:
                 for i, ids in enumerate(prompt_ids(args, tokenizer))]
     try:
         if args.expert_workers or args.expert_endpoints:
-            completions = asyncio.run(_generate_ep(args, model, requests))
+            completions = asyncio.run(_generate_ep(args, model, requests, tokenizer))
         else:
-            completions = ReferenceEngine(model).generate(requests)
+            completions = ReferenceEngine(model, tokenizer=tokenizer).generate(requests)
     except (ValueError, EPError) as exc:
         raise CliError(str(exc)) from exc
     print_completions(args, tokenizer, completions)

@@ -147,9 +147,11 @@ class EPEngine:
                 await client.close()
         self.client = self._next_client = None
 
-    async def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+    async def generate(self, requests: list[GenerationRequest], tokenizer=None
+                       ) -> list[Completion]:
+        """As ReferenceEngine.generate (a tokenizer gives completions' text and stop strings)."""
         loop = GenerationLoop(self.cfg, requests, self.block_size, self.model.dtype,
-                              self.model.device, self.record_logits, self.stats)
+                              self.model.device, self.record_logits, self.stats, tokenizer)
         while (step := loop.next_step()) is not None:
             loop.consume(step, await self.forward(step.input_ids, step.batch, loop.cache.layers))
         return loop.completions()

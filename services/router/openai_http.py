@@ -15,7 +15,8 @@ capacity), 503 (draining / no instance), 500/502/504 otherwise. Streaming is ser
 ending with `data: [DONE]`; with `stream_options.include_usage` the usage comes in a last chunk
 of its own with empty `choices` (chat chunks before it carry `"usage": null`; completion chunks
 leave it out, the document having no null usage there). Which parameters are served, accepted
-at their defaults only, or refused: services/router/openai_params.py.
+at their defaults only, or refused: services/router/openai_params.py; `n` choices:
+openai_choices.py; the `logprobs` objects: openai_logprobs.py.
 """
 
 from __future__ import annotations
