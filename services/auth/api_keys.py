@@ -27,9 +27,13 @@ class KeyLimits:
     requests_per_s: float = 0.0
     tokens_per_min: int = 0  # prompt + completion tokens
     max_concurrent: int = 0
+    # prompt + max_tokens summed over the key's requests in flight: the KV a decode instance
+    # reserves for them, which a few long requests could otherwise take whole
+    max_reserved_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.requests_per_s < 0 or self.tokens_per_min < 0 or self.max_concurrent < 0:
+        if min(self.requests_per_s, self.tokens_per_min, self.max_concurrent,
+               self.max_reserved_tokens) < 0:
             raise ValueError("key limits must be >= 0 (0 = unlimited)")
 
 

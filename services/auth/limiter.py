@@ -1,11 +1,14 @@
-"""Per-key limits (pure): requests per second, tokens per minute, concurrent requests.
+"""Per-key limits (pure): requests per second, tokens per minute, concurrent requests, and
+the KV tokens reserved for the key's requests in flight.
 
 Requests and tokens are token buckets: a bucket holds up to one second of requests (at least
 one) and one minute of tokens, refilled continuously. A request is admitted when a request
 token is there, the token bucket is not in debt and the key is under its concurrency cap; its
 tokens (prompt + completion) are charged when it ends, so a long answer can put the bucket in
 debt and the next request waits until the debt is repaid. A refusal says how long to wait
-(Retry-After).
+(Retry-After). The reservation (prompt + max_tokens, what decode reserves) is known only once
+the prompt is tokenised, so it is taken after admission (`reserve`) and given back with the
+request (`unreserve`); a request that alone exceeds the cap can never run and says so.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class _State:
     tokens: float
     at: float
     in_flight: int = 0
+    reserved: int = 0  # KV tokens of the requests in flight
 
 
 @dataclass
@@ -73,6 +77,26 @@ class KeyLimiter:
         s.in_flight = max(s.in_flight - 1, 0)
         if limits.tokens_per_min:
             s.tokens -= tokens
+
+
+    def reserve(self, key_id: str, limits: KeyLimits, tokens: int, now: float) -> Decision:
+        cap = limits.max_reserved_tokens
+        if not cap:
+            return Decision(True)
+        s = self._state(key_id, limits, now)
+        if tokens > cap:
+            return Decision(False, 0.0, f"a request of {tokens} tokens (prompt + max_tokens) "
+                                        f"is over the key's reserved-token cap of {cap}")
+        if s.reserved + tokens > cap:
+            return Decision(False, 1.0, f"{s.reserved} tokens reserved by requests in flight; "
+                                        f"{tokens} more would pass the key's cap of {cap}")
+        s.reserved += tokens
+        return Decision(True)
+
+    def unreserve(self, key_id: str, limits: KeyLimits, tokens: int, now: float) -> None:
+        if limits.max_reserved_tokens:
+            s = self._state(key_id, limits, now)
+            s.reserved = max(s.reserved - tokens, 0)
 
 
 def retry_after_header(seconds: float) -> str:

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
             sp.add_argument("--requests-per-s", type=float, default=0.0, help="0 = unlimited")
             sp.add_argument("--tokens-per-min", type=int, default=0, help="0 = unlimited")
             sp.add_argument("--max-concurrent", type=int, default=0, help="0 = unlimited")
+            sp.add_argument("--max-reserved-tokens", type=int, default=0,
+                            help="cap on prompt + max_tokens over the key's requests in flight "
+                                 "(the KV decode reserves); 0 = unlimited")
         if name == "revoke":
             sp.add_argument("key_id", help="the id (`list` shows it; ep-<id>-...)")
 
@@ -69,7 +72,8 @@ async def _run(command: str, args: argparse.Namespace) -> int:
 
 async def _create(kv, args: argparse.Namespace) -> int:
     try:
-        limits = KeyLimits(args.requests_per_s, args.tokens_per_min, args.max_concurrent)
+        limits = KeyLimits(args.requests_per_s, args.tokens_per_min, args.max_concurrent,
+                           args.max_reserved_tokens)
         key, record = new_key(args.tenant, time.time(), args.name, limits)
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -96,4 +100,5 @@ def _public(record: ApiKeyRecord) -> dict:
             "created_at": record.created_at, "revoked_at": record.revoked_at,
             "limits": {"requests_per_s": record.limits.requests_per_s,
                        "tokens_per_min": record.limits.tokens_per_min,
-                       "max_concurrent": record.limits.max_concurrent}}
+                       "max_concurrent": record.limits.max_concurrent,
+                       "max_reserved_tokens": record.limits.max_reserved_tokens}}

@@ -68,6 +68,25 @@ class Access:
                             f"{decision.retry_after_s:.1f}s", decision.retry_after_s)
         return grant
 
+    def reserve(self, grant: Grant, tokens: int, rid: str) -> None:
+        """The key's cap on KV tokens reserved in flight (prompt + max_tokens); one request
+        over the cap alone is RESOURCE_EXHAUSTED for good (no Retry-After)."""
+        if grant is OPEN:
+            return
+        decision = self.limiter.reserve(grant.key_id, grant.limits, tokens, self.clock())
+        if decision.ok:
+            return
+        metrics.REQUESTS.labels(outcome="rate_limited").inc()
+        message = f"{rid}: API key {grant.key_id}: {decision.reason}"
+        if not decision.retry_after_s:
+            raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        raise Throttled(f"{message}; retry in {decision.retry_after_s:.1f}s",
+                        decision.retry_after_s)
+
+    def unreserve(self, grant: Grant, tokens: int) -> None:
+        if grant is not OPEN:
+            self.limiter.unreserve(grant.key_id, grant.limits, tokens, self.clock())
+
     def done(self, grant: Grant, tokens: int) -> None:
         if grant is not OPEN:
             self.limiter.release(grant.key_id, grant.limits, tokens, self.clock())

@@ -102,9 +102,12 @@ class Gateway:
         except EncoderBusy as exc:
             metrics.REQUESTS.labels(outcome="resource_exhausted").inc()
             raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{rid}: {exc}") from exc
+        reserved = len(valid.prompt_ids) + valid.sampling.max_tokens  # what decode reserves
+        self.access.reserve(grant, reserved, rid)
         try:
             self.admission.admit(rid)
         except (AtCapacity, Draining, DuplicateRequest) as exc:
+            self.access.unreserve(grant, reserved)
             code = {AtCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
                     Draining: grpc.StatusCode.UNAVAILABLE,
                     DuplicateRequest: grpc.StatusCode.ALREADY_EXISTS}[type(exc)]
@@ -129,6 +132,7 @@ class Gateway:
         finally:
             # Runs on the client's cancellation too (the generator is closed).
             self.admission.release(rid)
+            self.access.unreserve(grant, reserved)
             metrics.IN_FLIGHT.set(self.admission.in_flight)
             metrics.E2E.observe(time.monotonic() - t0)
             used[0] = len(valid.prompt_ids) + outcome.completion_tokens

@@ -126,3 +126,13 @@ def test_a_key_over_its_limit_gets_429_with_retry_after(cluster):
     assert retry is not None and int(retry) >= 1
     # Another key of the same cluster is not held back by this one's limit.
     assert complete(cluster, create(cluster, "other")["key"]).usage.completion_tokens == 3
+
+
+
+def test_a_key_cannot_reserve_more_kv_than_its_cap(cluster):
+    key = create(cluster, "capped", "--max-reserved-tokens", "40")["key"]
+    assert complete(cluster, key, max_tokens=3).usage.completion_tokens == 3
+    with pytest.raises(openai.RateLimitError) as err:  # prompt + 60 alone is over 40
+        complete(cluster, key, max_tokens=60)
+    assert "reserved-token cap of 40" in err.value.body["message"]
+    assert complete(cluster, key, max_tokens=3).usage.completion_tokens == 3  # given back

@@ -68,3 +68,24 @@ def test_unlimited_by_default_and_negative_limits_refused():
     assert all(lim.acquire("k", KeyLimits(), 0.0).ok for _ in range(1000))
     with pytest.raises(ValueError):
         KeyLimits(requests_per_s=-1)
+
+
+def test_reserved_token_cap_holds_until_unreserved_and_says_when_never():
+    lim, limits = KeyLimiter(), KeyLimits(max_reserved_tokens=100)
+    assert lim.reserve("k", limits, 60, 0.0).ok
+    over = lim.reserve("k", limits, 50, 0.0)
+    assert not over.ok and over.retry_after_s > 0 and "60 tokens reserved" in over.reason
+    assert lim.reserve("other", limits, 50, 0.0).ok  # per key
+    lim.unreserve("k", limits, 60, 1.0)
+    assert lim.reserve("k", limits, 100, 1.0).ok
+    never = lim.reserve("k2", limits, 101, 1.0)
+    assert not never.ok and never.retry_after_s == 0 and "over the key's" in never.reason
+    assert all(lim.reserve("k", KeyLimits(), 10**9, 0.0).ok for _ in range(3))  # 0: no cap
+    with pytest.raises(ValueError):
+        KeyLimits(max_reserved_tokens=-1)
+
+
+def test_records_without_the_newer_limits_still_load():
+    _, record = new_key("acme", 1.0, limits=KeyLimits(max_concurrent=2))
+    old = record.to_json().replace(b',"max_reserved_tokens":0', b"")
+    assert ApiKeyRecord.from_json(old).limits == KeyLimits(max_concurrent=2)
