@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_DIR ?= models/v3-mini
 
-.PHONY: install run test chaos bench lint protos clean
+.PHONY: install run test chaos fuzz bench lint protos clean
 
 install: $(STAMP)
 
@@ -30,12 +30,17 @@ run: install $(MODEL_DIR)/config.json
 # Everything but the full chaos matrix, plus its quick subset (marker chaos_quick, ~2 min).
 test: install
 	$(BIN)/ruff check services tests bench
-	$(BIN)/python -m pytest -q tests -m "not chaos or chaos_quick"
+	EPSERVE_FUZZ_EXAMPLES=$${EPSERVE_FUZZ_EXAMPLES:-150} $(BIN)/python -m pytest -q tests -m "not chaos or chaos_quick"
 
 # The whole chaos matrix against one supervised cluster (~15 min; docs/chaos.md); writes
 # tests/chaos/last_run.md.
 chaos: install
 	$(BIN)/python -m pytest -q tests/chaos -m chaos
+
+# Generated bad requests against every API of a running cluster, 1,000 per API (~6 min;
+# `make test` runs 150 per API).
+fuzz: install
+	EPSERVE_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest -q tests/fuzz
 
 bench: install $(MODEL_DIR)/config.json
 	$(BIN)/python -m bench.run_all --model $(MODEL_DIR)

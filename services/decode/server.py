@@ -13,6 +13,7 @@ from services.common.logging import bind_request
 from services.decode import metrics
 from services.decode.core import DecodeCore, Rejected
 from services.engine.kv_transfer import KVAssembler, TransferError
+from services.engine.reference import check_internal_request
 from services.engine.sampling_proto import logprobs_to_proto, params_from_proto
 from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
 
@@ -32,6 +33,8 @@ class DecodeServicer(serving_pb2_grpc.DecodeServicer):
                 params = params_from_proto(request.sampling)
                 if params.temperature > 0 and params.seed is None:
                     raise ValueError("sampling needs a seed (the router sets one)")
+                check_internal_request(self.core.cfg, rid, request.prompt_ids, params,
+                                       request.step_offset)
             except ValueError as exc:
                 metrics.REQUESTS.labels(outcome="invalid").inc()
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")

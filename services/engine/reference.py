@@ -67,6 +67,23 @@ def validate_request(cfg: ModelConfig, req: GenerationRequest) -> None:
     if len(req.prompt_ids) >= cfg.max_position_embeddings:
         raise ValueError(f"{req.request_id}: prompt of {len(req.prompt_ids)} tokens leaves no "
                          f"room in a context of {cfg.max_position_embeddings}")
+    named = [*req.params.stop_token_ids, *(t for t, _ in req.params.logit_bias)]
+    if any(t >= cfg.vocab_size for t in named):
+        raise ValueError(f"{req.request_id}: stop_token_ids and logit_bias must name ids in "
+                         f"[0, {cfg.vocab_size})")
+
+
+def check_internal_request(cfg: ModelConfig, request_id: str, prompt_ids, params: SamplingParams,
+                           step_offset: int) -> None:
+    """What prefill and decode check of a request the router already validated (anyone else
+    who reaches them gets a clear INVALID_ARGUMENT, not a failure deep in the model)."""
+    validate_request(cfg, GenerationRequest(request_id, list(prompt_ids), params))
+    if len(prompt_ids) + params.max_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                         f"exceeds the model's context of {cfg.max_position_embeddings}")
+    if step_offset > len(prompt_ids):
+        raise ValueError(f"step_offset {step_offset} is more than the prompt's "
+                         f"{len(prompt_ids)} tokens")
 
 
 @dataclass(frozen=True)

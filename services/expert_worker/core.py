@@ -131,6 +131,9 @@ class ExpertWorkerCore:
         if tuple(slots.shape) != (n, k) or tuple(weights.shape) != (n, k):
             raise bad(f"slots and weights must be [{n}, {k}], got {list(slots.shape)} "
                       f"and {list(weights.shape)}")
+        # an attention instance never sends these; computing on them would only spread NaN
+        if not (torch.isfinite(hidden).all() and torch.isfinite(weights).all()):
+            raise bad("hidden states and gate weights must be finite")
         used = set(slots[slots >= 0].unique().tolist())
         foreign = sorted(used - self.placements[inp.placement_version].held[inp.layer_id])
         if foreign or (slots < -1).any():

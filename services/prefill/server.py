@@ -11,6 +11,7 @@ from services.common.channels import Channels
 from services.common.logging import bind_request
 from services.engine.ep_client import EPError
 from services.engine.kv_transfer import kv_chunks
+from services.engine.reference import check_internal_request
 from services.engine.sampling_proto import params_from_proto
 from services.prefill import metrics
 from services.prefill.core import PrefillCore, QueueFull
@@ -52,6 +53,8 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
                 params = params_from_proto(request.sampling)
                 if params.temperature > 0 and params.seed is None:
                     raise ValueError("sampling needs a seed (the router sets one)")
+                check_internal_request(self.core.cfg, rid, request.prompt_ids, params,
+                                       request.step_offset)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")
             try:
