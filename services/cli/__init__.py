@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "services.cli.up",  # up
     "services.cli.local",  # link-proxy, nats-server
     "services.cli.keys",  # keys create|list|revoke
+    "services.cli.certs",  # certs (the mesh CA and per-service certificates)
 )
 
 

@@ -16,6 +16,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from services.common.errors import CliError
+from services.common.mesh_tls import TLS_DIR_ENV, TLS_DIR_HELP
 from services.economics import views
 from services.economics.window import zone
 from services.ledger.report import live_report, read_live
@@ -40,6 +41,7 @@ def register(sub, common) -> None:
                       help="device price (default: the ledger's --usd-per-device-hour)")
     live.add_argument("--gpus-per-node", type=int, help="default: the ledger's")
     live.add_argument("--timeout-s", type=float, default=10.0, help="NATS deadline")
+    live.add_argument("--tls-dir", default=os.environ.get(TLS_DIR_ENV, ""), help=TLS_DIR_HELP)
     common(live, chart_default=None)
     live.set_defaults(func=run_live)
 
@@ -47,7 +49,7 @@ def register(sub, common) -> None:
 def run_live(args: argparse.Namespace) -> int:
     from services.cli.economics import _charts, _print  # (that module registers this one)
 
-    ledger = asyncio.run(read_live(args.nats_url, args.timeout_s))
+    ledger = asyncio.run(read_live(args.nats_url, args.timeout_s, args.tls_dir))
     built = live_report(ledger.entries, now=time.time(), prices_path=args.prices,
                         since=args.since, until=args.until, tz=args.timezone, tenant=args.tenant,
                         usd_per_gpu_hour=args.usd_per_gpu_hour, gpus_per_node=args.gpus_per_node,

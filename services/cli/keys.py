@@ -18,6 +18,7 @@ from services.auth.api_keys import ApiKeyRecord, KeyLimits, new_key
 from services.auth.keyring import open_keys_bucket, read_records
 from services.common.control import nats_servers
 from services.common.errors import CliError
+from services.common.mesh_tls import TLS_DIR_ENV, TLS_DIR_HELP, nats_tls_options
 
 TIMEOUT_S = 10.0
 
@@ -31,6 +32,7 @@ def register(subparsers) -> None:
         sp.add_argument("--nats-url", default=os.environ.get("EPSERVE_NATS_URL",
                                                              "nats://127.0.0.1:4222"))
         sp.add_argument("--json", action="store_true")
+        sp.add_argument("--tls-dir", default=os.environ.get(TLS_DIR_ENV, ""), help=TLS_DIR_HELP)
         sp.set_defaults(func=lambda args, name=name: asyncio.run(_run(name, args)))
         if name == "create":
             sp.add_argument("--tenant", required=True, help="who is billed (usage records)")
@@ -49,7 +51,9 @@ async def _run(command: str, args: argparse.Namespace) -> int:
     try:
         nc = await asyncio.wait_for(nats.connect(servers=nats_servers(args.nats_url),
                                                  connect_timeout=TIMEOUT_S,
-                                                 allow_reconnect=False), TIMEOUT_S + 1)
+                                                 allow_reconnect=False,
+                                                 **nats_tls_options(args.tls_dir)),
+                                    TIMEOUT_S + 1)
     except Exception as exc:
         raise CliError(f"cannot reach NATS at {args.nats_url}: {type(exc).__name__}: {exc}"
                        ) from None

@@ -45,6 +45,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                            "load drops below this (0 = off)")
     eplb.add_argument("--rebalance-period-s", type=float, default=0.0,
                       help="also re-plan this often (0 = off)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no mTLS between services and no NATS TLS/users (default: a CA and a "
+                        "certificate per process are made in the run dir)")
     p.add_argument("--api-keys", action="store_true",
                    help="routers require an API key (make them with `epserve keys create`)")
     cache = p.add_argument_group("prefix KV cache (off unless a directory is given)")
@@ -81,6 +84,7 @@ def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
                            if args.kv_cache_dir else "",
                            kv_cache_bytes=args.kv_cache_bytes,
                            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                           tls=not getattr(args, "insecure", False),
                            extra={"scheduler": (
                                "--rebalance-threshold", str(args.rebalance_threshold),
                                "--rebalance-period-s", str(args.rebalance_period_s)),
@@ -128,6 +132,9 @@ def _run(args: argparse.Namespace) -> int:
         for url in cluster.http_urls:
             print(f"OpenAI-compatible HTTP API on {url}/v1", flush=True)
         print(f"  NATS {cluster.nats_url}; logs in {cluster.log_dir}", flush=True)
+        if cluster.tls is not None:
+            print(f"  mTLS on: certificates in {cluster.tls.root} (CLI identity: --tls-dir "
+                  f"{cluster.tls.dir('operator')}); --insecure turns it off", flush=True)
         if spec.shaped_links:
             print(f"  expert workers behind link proxies ({spec.link_latency_ms or 0} ms one-way"
                   + (f", {spec.link_bandwidth_mbps} Mbit/s" if spec.link_bandwidth_mbps else "")

@@ -48,9 +48,11 @@ def default_replicas(replicas: int | None = None) -> int:
     return replicas
 
 
-async def connect(url: str, name: str, timeout: float = 10.0) -> nats.NATS:
+async def connect(url: str, name: str, timeout: float = 10.0, tls=None) -> nats.NATS:
     """Connect with reconnects forever (a NATS restart must not kill a service). `url` may
-    list several servers, comma-separated (the nodes of a cluster): nats-py fails over."""
+    list several servers, comma-separated (the nodes of a cluster): nats-py fails over.
+    `tls`: an ssl.SSLContext presenting this service's certificate (mesh_tls.py); the NATS
+    server maps it to the role's user and its subject permissions."""
     async def on_error(exc: Exception) -> None:  # one structured line, not a traceback
         log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
 
@@ -63,7 +65,8 @@ async def connect(url: str, name: str, timeout: float = 10.0) -> nats.NATS:
     return await nats.connect(servers=nats_servers(url), name=name, connect_timeout=timeout,
                               max_reconnect_attempts=-1, reconnect_time_wait=0.25,
                               allow_reconnect=True, error_cb=on_error,
-                              disconnected_cb=on_disconnected, reconnected_cb=on_reconnected)
+                              disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
+                              **({"tls": tls} if tls is not None else {}))
 
 
 async def kv_bucket(js, bucket: str, history: int = 1, replicas: int | None = None):

@@ -28,11 +28,13 @@ from pathlib import Path
 import grpc
 import structlog
 
+from services.common import mesh_tls
 from services.common.channels import new_server
 from services.common.control import connect
 from services.common.health import ServiceHealth, add_health
 from services.common.heartbeat import HeartbeatPublisher
 from services.common.logging import LEVELS, configure_logging
+from services.common.mesh_tls import MeshTLS
 from services.common.metrics_http import start_metrics_http
 from services.common.reflection import ServiceNames, add_reflection
 from services.common.shutdown import StopEvent, bounded, drain, install_signal_handlers
@@ -62,6 +64,16 @@ class ServiceConfig:
     drain_timeout_s: float = field(default=30.0, metadata={
         "help": "deadline of each drain step (in-flight work, NATS flush): SIGTERM always exits"})
     log_level: str = field(default="info", metadata={"help": "debug|info|warning|error"})
+    # The mesh identity (services/common/mesh_tls.py; made by `epserve certs`): none given is
+    # plaintext, with a warning. The router's public API stays outside the mesh.
+    tls_dir: str = field(default="", metadata={
+        "help": "mTLS identity directory: tls.crt, tls.key, ca.crt (a Kubernetes TLS Secret)"})
+    tls_cert: str = field(default="", metadata={"help": "mTLS certificate (instead of --tls-dir)"})
+    tls_key: str = field(default="", metadata={"help": "mTLS private key"})
+    tls_ca: str = field(default="", metadata={"help": "the mesh CA certificate"})
+    health_port: int = field(default=-1, metadata={
+        "help": "plaintext port serving only grpc.health.v1 (Kubernetes probes cannot present "
+                "a client certificate; -1 off, 0 any)"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -76,8 +88,16 @@ class ServiceConfig:
             raise ValueError(f"--drain-grace-s must be >= 0, got {self.drain_grace_s}")
         if not self.drain_timeout_s > 0:
             raise ValueError(f"--drain-timeout-s must be > 0, got {self.drain_timeout_s}")
+        if not -1 <= self.health_port <= 65535:
+            raise ValueError(f"--health-port must be -1 (off) or a port, got {self.health_port}")
+        # TLSConfigError (a ValueError) when incomplete; the files are read at start
+        mesh_tls.check_settings(self.tls_dir, self.tls_cert, self.tls_key, self.tls_ca)
         if self.log_level.lower() not in LEVELS:
             raise ValueError(f"--log-level must be one of {sorted(LEVELS)}, got {self.log_level!r}")
+
+    def tls(self) -> MeshTLS | None:
+        """The identity the TLS settings name (None: plaintext)."""
+        return mesh_tls.from_settings(self.tls_dir, self.tls_cert, self.tls_key, self.tls_ca)
 
     def advertised(self, port: int) -> str:
         return f"{self.advertise_host or self.host}:{port}"
@@ -87,6 +107,10 @@ class Service:
     """Subclasses set `role` (a states.Role value) and override the hooks they need."""
 
     role = ""
+    # An internal service: with an identity, its server takes only mTLS peers and checks
+    # each call against the role table (services/common/authz.py). The router sets False:
+    # its server is the public API (API keys), while its channels to instances use mTLS.
+    mesh_server = True
 
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
@@ -98,6 +122,9 @@ class Service:
         self.heartbeat: HeartbeatPublisher | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self.tls: MeshTLS | None = None
+        self._health_server: grpc.aio.Server | None = None
 
     # ---- hooks ----------------------------------------------------------------------------
     def log_rank(self) -> int | str | None:
@@ -142,16 +169,25 @@ class Service:
     async def start(self) -> None:
         cfg = self.cfg
         configure_logging(self.role, self.log_rank(), cfg.log_level)
+        self.tls = cfg.tls()
+        self._check_identity()
+        mesh_tls.install(self.tls)  # every channel this process dials to a peer uses it
         if cfg.nats_url:
-            self.nc = await connect(cfg.nats_url, self.instance_id)
+            self.nc = await connect(cfg.nats_url, self.instance_id,
+                                    tls=self.tls.ssl_context() if self.tls else None)
         await self.setup()
-        self.server = new_server(self.max_request_bytes())
+        mesh = self.tls is not None and self.mesh_server
+        self.server = new_server(self.max_request_bytes(), mesh=mesh)
         self.health = await add_health(self.server)
         registered = ServiceNames(self.server)
         self.add_servicers(registered)
         add_reflection(self.server, registered.names)
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        self.port = (self.server.add_secure_port(address, self.tls.server_credentials()) if mesh
+                     else self.server.add_insecure_port(address))
         await self.server.start()
+        if cfg.health_port >= 0:
+            self._health_server, self.health_port = await self._start_health_port()
         if cfg.metrics_port >= 0:
             self.metrics_port = start_metrics_http(cfg.metrics_port, cfg.host)
         if self.nc is not None:
@@ -170,6 +206,27 @@ class Service:
         await self.health.set_serving()
         log.info(f"{self.role.replace('-', '_')}_ready", endpoint=self.endpoint,
                  metrics_port=self.metrics_port, **self.ready_fields())
+
+    def _check_identity(self) -> None:
+        if self.tls is None:
+            log.warning("mtls_off", hint="no --tls-dir: peers are not authenticated")
+            return
+        if self.tls.role != self.role:
+            raise mesh_tls.TLSConfigError(
+                f"the certificate is for role {self.tls.role!r}, this service is {self.role!r}")
+        log.info("mtls_on", role=self.tls.role, instance=self.tls.instance,
+                 mesh_server=self.mesh_server)
+
+    async def _start_health_port(self) -> tuple[grpc.aio.Server, int]:
+        """A second, plaintext server answering only health, mirroring the main one's states:
+        what a Kubernetes gRPC probe (no client certificate) can reach. It serves nothing
+        else, so it gives an unauthenticated caller no more than the probe's answer."""
+        server = new_server()
+        health = await add_health(server)
+        self.health.mirror = health
+        port = server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
+        await server.start()
+        return server, port
 
     async def run(self) -> int:
         """Start, serve until a stop signal, drain; the process's exit code."""
@@ -193,6 +250,8 @@ class Service:
                           self.heartbeat.set_state(control_pb2.STATE_DRAINING), cfg.drain_timeout_s)
 
         async def after_server() -> None:
+            if self._health_server is not None:
+                await self._health_server.stop(0)
             await self.stop_core()
             if self.heartbeat is not None:
                 await self.heartbeat.stop()

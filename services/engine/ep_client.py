@@ -26,7 +26,7 @@ import torch
 from prometheus_client import Counter, Gauge
 
 from services.balance.placement import NoLiveReplica, PlacementTable
-from services.common.channels import insecure_channel
+from services.common.channels import dial
 from services.common.deadline import ObservedDeadline
 from services.engine.ep_plan import plan_dispatch
 from services.engine.pending_dispatch import PendingDispatch
@@ -68,7 +68,7 @@ class ExpertClient:
         """A started client whose placement table is read back from the workers themselves."""
         infos = []
         for rank, target in enumerate(endpoints):
-            async with insecure_channel(target) as ch:
+            async with dial(target, "expert-worker") as ch:
                 try:
                     infos.append(await expert_pb2_grpc.ExpertWorkerStub(ch).Info(
                         expert_pb2.WorkerInfoRequest(), timeout=timeout_s))

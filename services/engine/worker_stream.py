@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter
 
-from services.common.channels import insecure_channel
+from services.common.channels import dial
 from services.common.errors import StatusError
 from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 
@@ -69,7 +69,7 @@ def _retrieve(fut: asyncio.Future) -> None:
 class WorkerStream:
     def __init__(self, rank: int, target: str) -> None:
         self.rank, self.target = rank, target
-        self.channel = insecure_channel(target)
+        self.channel = dial(target, "expert-worker")  # mTLS when this process has an identity
         self.stub = expert_pb2_grpc.ExpertWorkerStub(self.channel)
         self.call = None
         self.pending: collections.deque[asyncio.Future] = collections.deque()

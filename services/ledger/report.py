@@ -19,6 +19,7 @@ import nats
 from services.common import subjects
 from services.common.control import nats_servers
 from services.common.errors import CliError
+from services.common.mesh_tls import nats_tls_options
 from services.economics.files import load_prices, prices_from_text
 from services.economics.live import live_usage, live_window
 from services.economics.prices import PriceTable
@@ -43,12 +44,13 @@ class LiveLedger:
                 "records_not_yet_folded": max(self.stream_last_seq - cursor, 0)}
 
 
-async def read_live(url: str, timeout_s: float = 10.0) -> LiveLedger:
+async def read_live(url: str, timeout_s: float = 10.0, tls_dir: str = "") -> LiveLedger:
     try:
         # A one-off reader: no reconnects, and no disconnect events logged when it closes.
         nc = await asyncio.wait_for(nats.connect(servers=nats_servers(url), name="economics-live",
                                                  connect_timeout=timeout_s,
-                                                 allow_reconnect=False), timeout_s + 1)
+                                                 allow_reconnect=False,
+                                                 **nats_tls_options(tls_dir)), timeout_s + 1)
     except Exception as exc:
         raise CliError(f"cannot reach NATS at {url}: {type(exc).__name__}: {exc}") from None
     try:

@@ -32,7 +32,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.channels import dial, insecure_channel
 from services.common.control import REPLICAS_ENV
+from services.common.health import check_health
+from services.local.cluster_tls import ClusterTLS
 from services.local.nats_cluster import NatsCluster
 from services.local.nats_server import NatsServer
 from services.local.ports import free_port
@@ -73,6 +76,7 @@ class ClusterSpec:
     kv_cache_dir: str = ""  # the prefix KV cache every prefill instance shares (off: "")
     kv_cache_bytes: int | None = None
     kv_cache_memory_bytes: int | None = None
+    tls: bool = True  # mTLS between services, certificates made in the run dir (cluster_tls.py)
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.expert_workers, self.routers) < 1:
@@ -93,6 +97,14 @@ class ClusterSpec:
     @property
     def shaped_links(self) -> bool:
         return self.link_latency_ms is not None or self.link_bandwidth_mbps is not None
+
+    def process_names(self) -> list[str]:
+        """Every service process's name (also its instance id and certificate's)."""
+        return (["scheduler", *(["ledger"] if self.ledger else [])]
+                + [f"expert-worker-{r}" for r in range(self.expert_workers)]
+                + [f"prefill-{i}" for i in range(self.prefill)]
+                + [f"decode-{i}" for i in range(self.decode)]
+                + [f"router-{i}" for i in range(self.routers)])
 
     def prefix_cache_args(self) -> list[str]:
         if not self.kv_cache_dir:
@@ -153,6 +165,7 @@ class LocalCluster:
         self.http_urls: list[str] = []  # every router's
         self.link_controls: dict[int, tuple[str, int]] = {}  # worker rank -> proxy control port
         self.supervisor: Supervisor | None = None
+        self.tls: ClusterTLS | None = None  # spec.tls: every process's certificate
 
     @property
     def router_endpoint(self) -> str:
@@ -183,10 +196,12 @@ class LocalCluster:
         target = f"{s.host}:{port}"
         env = {"OMP_NUM_THREADS": str(s.threads_per_process)} if s.threads_per_process else {}
         env[REPLICAS_ENV] = str(s.nats_nodes)
+        tls_args = self.tls.args(name) if self.tls is not None else []
         proc = self.group.start_epserve(name, [
             "serve", service, "--model", s.model, "--nats-url", self.nats.url, "--host", s.host,
             "--port", str(port), "--metrics-port", str(metrics_port), "--log-level", s.log_level,
-            *args, *s.extra.get(service, ())], env=env)
+            *tls_args, *args, *s.extra.get(service, ())], env=env)
+        self._health_identity(proc)
         self.endpoints[name] = target
         self.metrics_urls[name] = f"http://{s.host}:{metrics_port}/metrics"
         return proc, target
@@ -209,8 +224,11 @@ class LocalCluster:
     def start(self, timeout: float = 300.0) -> LocalCluster:
         s = self.spec
         try:
+            if s.tls:
+                self.tls = ClusterTLS(Path(self._tmp.name) / "tls", s.process_names(),
+                                      self.nats_node_names())
             self.nats_cluster = NatsCluster(s.nats_nodes, Path(self._tmp.name) / "jetstream",
-                                            host="127.0.0.1").start()
+                                            host="127.0.0.1", **self._nats_tls()).start()
             self.nats = self.nats_cluster.nodes[0]
             self._stage([("scheduler", "scheduler", [
                 "--expert-workers", str(s.expert_workers),
@@ -248,6 +266,42 @@ class LocalCluster:
             raise
         return self
 
+    def _nats_tls(self) -> dict:
+        if self.tls is None:
+            return {}
+        return {"tls_dirs": [self.tls.dir(n) for n in self.nats_node_names()],
+                "client_tls": self.tls.operator.ssl_context()}
+
+    def nats_options(self) -> dict:
+        """nats.connect keyword arguments for a client of this cluster's NATS (an operator:
+        tests, CLIs); `{}` without TLS."""
+        return {"tls": self.tls.operator.ssl_context()} if self.tls is not None else {}
+
+    def extra_identity_args(self, name: str, role: str) -> list[str]:
+        """The flags for one more process a test starts by hand beside the cluster (its own
+        certificate, made now); `[]` without TLS."""
+        return self.tls.args(self.tls.add(name, role)) if self.tls is not None else []
+
+    def operator_args(self) -> list[str]:
+        """The flags giving an `epserve keys` / `economics live` run the operator identity."""
+        return ["--tls-dir", str(self.tls.dir("operator"))] if self.tls is not None else []
+
+    def _health_identity(self, proc: ServiceProcess) -> None:
+        if self.tls is not None:
+            proc.health_tls, proc.health_role = self.tls.health(proc.name)
+
+    async def check_health(self, name: str, timeout: float) -> bool:
+        """Is process `name` SERVING on its endpoint (over mTLS when the cluster has it)?"""
+        tls, role = self.tls.health(name) if self.tls is not None else (None, None)
+        return await check_health(self.endpoints[name], timeout, tls=tls, role=role)
+
+    def channel(self, name: str):
+        """A grpc.aio channel to process `name` as the operator (mTLS when the cluster has it,
+        expecting that process's role): health, reflection, an expert worker's Info/Load."""
+        tls, role = self.tls.health(name) if self.tls is not None else (None, None)
+        return dial(self.endpoints[name], role, identity=tls) if tls else insecure_channel(
+            self.endpoints[name])
+
     def supervise(self) -> Supervisor:
         """Restart whatever exits from now on (until stop())."""
         if self.supervisor is None:
@@ -284,6 +338,7 @@ class LocalCluster:
                 "link-proxy", "--listen", f"{via}:{port}", "--upstream", f"{s.host}:{port}",
                 *link, "--control-port", str(control), "--log-level", s.log_level])
             self.endpoints[f"link-proxy-{r}"] = f"{via}:{port}"
+            self._health_identity(proxy)
             self.link_controls[r] = ("127.0.0.1", control)
             worker, target = self._start(f"expert-worker-{r}", "expert-worker",
                                          ["--rank", str(r), "--advertise-host", via], port=port)

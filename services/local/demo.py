@@ -15,8 +15,6 @@ import statistics
 import sys
 import time
 
-import grpc
-
 from services.client import InferenceClient, RemoteCompletion
 from services.economics import money
 from services.engine.sampling import SamplingParams
@@ -62,13 +60,13 @@ async def run_workload(endpoint: str, requests: int, concurrency: int, max_token
         return list(done), time.perf_counter() - t0
 
 
-async def expert_loads(endpoints: dict[str, str]) -> dict[str, int]:
+async def expert_loads(cluster: LocalCluster) -> dict[str, int]:
     """Routed tokens each expert worker computed (sum over its slots and layers)."""
     out = {}
-    for name, endpoint in sorted(endpoints.items()):
+    for name in sorted(cluster.endpoints):
         if not name.startswith("expert-worker"):
             continue
-        async with grpc.aio.insecure_channel(endpoint) as channel:
+        async with cluster.channel(name) as channel:  # as the operator (mTLS when on)
             load = await expert_pb2_grpc.ExpertWorkerStub(channel).Load(
                 expert_pb2.ExpertLoadRequest(), timeout=10)
         out[name] = sum(sum(layer.tokens) for layer in load.layers)
@@ -96,12 +94,12 @@ def print_summary(done: list[RemoteCompletion], wall: float, loads: dict[str, in
         print(f"  balancedness (mean/max) {mean / max(loads.values()):.3f}")
 
 
-def print_margin(nats_url: str, requests: int, wait_s: float = 30.0) -> None:
+def print_margin(nats_url: str, requests: int, wait_s: float = 30.0, tls_dir: str = "") -> None:
     """The workload's own economics, from the cluster's ledger (what `epserve economics live`
     prints), once it has billed every request (or after `wait_s`)."""
     deadline = time.monotonic() + wait_s
     while True:
-        ledger = asyncio.run(read_live(nats_url))
+        ledger = asyncio.run(read_live(nats_url, tls_dir=tls_dir))
         if ledger.records_billed >= requests or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -131,8 +129,9 @@ def run_cluster(args: argparse.Namespace) -> int:
                                               args.concurrency, args.max_tokens))
         for c in done[: min(4, len(done))]:
             print(f"> {c.request_id}: {c.text[:70]!r}")
-        print_summary(done, wall, asyncio.run(expert_loads(cluster.endpoints)))
-        print_margin(cluster.nats_url, len(done))
+        print_summary(done, wall, asyncio.run(expert_loads(cluster)))
+        print_margin(cluster.nats_url, len(done),
+                     tls_dir=str(cluster.tls.dir("operator")) if cluster.tls else "")
         print("\nstopping the cluster ...", flush=True)
     print("stopped cleanly")
     return 0

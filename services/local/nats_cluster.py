@@ -37,6 +37,8 @@ class NatsCluster:
         binary: str | None = None,
         startup_timeout: float = 30.0,
         stop_grace: float = 5.0,
+        tls_dirs: list[Path] | None = None,
+        client_tls=None,
     ) -> None:
         if size < 1:
             raise ValueError("size must be >= 1")
@@ -49,6 +51,10 @@ class NatsCluster:
         self._given_root = Path(store_root) if store_root is not None else None
         self._tmp_root: Path | None = None  # ours, removed by stop()
         self.nodes: list[NatsServer] = []
+        # TLS with per-role users: node i's server identity dir, an operator's client context.
+        if tls_dirs is not None and len(tls_dirs) != size:
+            raise ValueError(f"need {size} TLS identity dirs, got {len(tls_dirs)}")
+        self.tls_dirs, self.client_tls = tls_dirs, client_tls
 
     # -- addresses -------------------------------------------------------------------------
 
@@ -149,7 +155,7 @@ class NatsCluster:
         if self.size == 1:
             return [NatsServer(store_dir=root / "node-0", monitor_port=0, host=self.host,
                                binary=self.binary, stop_grace=self.stop_grace,
-                               server_name=f"{self.name}-0")]
+                               server_name=f"{self.name}-0", **self._tls(0))]
         route_ports = [free_port(self.host) for _ in range(self.size)]
         nodes = []
         for i in range(self.size):
@@ -159,8 +165,13 @@ class NatsCluster:
                 store_dir=root / f"node-{i}", monitor_port=0, host=self.host,
                 binary=self.binary, stop_grace=self.stop_grace,
                 server_name=f"{self.name}-{i}", cluster_name=self.name,
-                cluster_port=route_ports[i], routes=routes))
+                cluster_port=route_ports[i], routes=routes, **self._tls(i)))
         return nodes
+
+    def _tls(self, i: int) -> dict:
+        if self.tls_dirs is None:
+            return {}
+        return {"tls_dir": self.tls_dirs[i], "client_tls": self.client_tls}
 
 
 def _jsz(node: NatsServer) -> dict:

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+from services.local.nats_auth import render_tls
 from services.local.ports import free_port
 from services.local.procs import stop_at_exit, stop_popen
 
@@ -76,6 +78,8 @@ class NatsServer:
     JetStream fsyncs every write (`sync_interval: always`). A cluster node also gets a
     `server_name` (unique in the cluster), a `cluster_name`, its route port `cluster_port`
     (0 = pick one) and the `routes` (nats-route://host:port) of the other nodes.
+    With `tls_dir` clients must connect with TLS and a mesh certificate, mapped to their
+    role's user and permissions (nats_auth.py).
     """
 
     def __init__(
@@ -91,6 +95,8 @@ class NatsServer:
         cluster_name: str | None = None,
         cluster_port: int | None = None,
         routes: Sequence[str] = (),
+        tls_dir: str | Path | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
         if startup_timeout <= 0:
             raise ValueError("startup_timeout must be > 0")
@@ -105,6 +111,12 @@ class NatsServer:
         self.cluster_name = cluster_name
         self.cluster_port = cluster_port
         self.routes = list(routes)
+        # TLS with per-role users (services/local/nats_auth.py): the server's identity
+        # directory, and a client context (an operator's) for the readiness handshake.
+        self.tls_dir = Path(tls_dir) if tls_dir is not None else None
+        self.client_tls = client_tls
+        if (self.tls_dir is None) != (client_tls is None):
+            raise ValueError("tls_dir and client_tls go together")
         if (self.routes or cluster_port is not None) and not cluster_name:
             raise ValueError("a cluster node needs a cluster_name")
         self._workdir: Path | None = None  # ours: the log file, and the default store
@@ -214,6 +226,8 @@ class NatsServer:
             "  sync_interval: always",
             "}",
         ]
+        if self.tls_dir is not None:
+            lines += render_tls(self.tls_dir)
         if self.cluster_name:
             routes = ", ".join(_quote(r) for r in self.routes)
             lines += [
@@ -264,7 +278,7 @@ class NatsServer:
                     f"{self.log_tail()}"
                 )
             try:
-                if _handshake(self.host, self.port or 0, timeout=1.0):
+                if _handshake(self.host, self.port or 0, timeout=1.0, tls=self.client_tls):
                     return
                 last_error = "INFO without jetstream"
             except OSError as exc:
@@ -281,14 +295,18 @@ def _quote(text: str) -> str:
     return json.dumps(text)
 
 
-def _handshake(host: str, port: int, timeout: float) -> bool:
-    """One NATS protocol handshake; True when the server answered PONG and has JetStream."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        stream = sock.makefile("rwb")
+def _handshake(host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> bool:
+    """One NATS protocol handshake; True when the server answered PONG and has JetStream.
+    With `tls` the connection is upgraded after INFO, as NATS clients do."""
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        stream = raw.makefile("rwb")
         info = stream.readline()
         if not info.startswith(b"INFO "):
             raise OSError(f"unexpected greeting {info[:60]!r}")
         jetstream = bool(json.loads(info[5:]).get("jetstream"))
+        if tls is not None:
+            sock = tls.wrap_socket(raw, server_hostname=host)
+            stream = sock.makefile("rwb")
         stream.write(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
         stream.flush()
         reply = stream.readline()

@@ -122,6 +122,10 @@ class ServiceProcess:
         self.stderr_path = self.log_dir / f"{name}.stderr.log"
         self._proc: subprocess.Popen | None = None
         self._files: list[IO[bytes]] = []
+        # A mesh service (mTLS): health checks present this identity and expect a server of
+        # `health_role` (services/common/mesh_tls.py); None checks in plaintext.
+        self.health_tls = None
+        self.health_role: str | None = None
 
     @classmethod
     def epserve(
@@ -227,7 +231,8 @@ class ServiceProcess:
     def wait_healthy(self, grpc_target: str, timeout: float = 30.0, service: str = "") -> None:
         """Blocks until grpc.health.v1 Check on `grpc_target` says SERVING."""
         self.wait_until(
-            lambda left: check_health_sync(grpc_target, min(left, CHECK_ATTEMPT_S), service),
+            lambda left: check_health_sync(grpc_target, min(left, CHECK_ATTEMPT_S), service,
+                                           self.health_tls, self.health_role),
             timeout,
             f"SERVING on {grpc_target}",
         )
@@ -246,7 +251,8 @@ class ServiceProcess:
                 raise ServiceStartError(
                     f"{self.name} (pid {self.pid}) not {what} after {timeout}s\n{self.log_tail()}"
                 )
-            if await check_health(grpc_target, min(left, CHECK_ATTEMPT_S), service):
+            if await check_health(grpc_target, min(left, CHECK_ATTEMPT_S), service,
+                                  self.health_tls, self.health_role):
                 return
             await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
 

@@ -11,6 +11,7 @@ from services.attention.service import AttentionService
 from services.prefill import metrics
 from services.prefill.config import PrefillConfig
 from services.prefill.core import PrefillCore
+from services.prefill.decode_members import DecodeMembers
 from services.prefill.prefix_reuse import PrefixReuse
 from services.prefill.prefix_setup import PrefixSetup
 from services.prefill.server import PrefillServicer
@@ -40,6 +41,11 @@ class PrefillService(AttentionService):
     def add_servicers(self, server) -> None:
         serving_pb2_grpc.add_PrefillServicer_to_server(self.servicer, server)
 
+    async def setup(self) -> None:
+        await super().setup()
+        # Heard from before serving: the decode instances KV may be pushed to.
+        self.servicer.decode_members = await DecodeMembers().subscribe(self.nc)
+
     async def until_ready(self) -> None:
         await super().until_ready()
         if self.prefix is not None:
@@ -55,6 +61,8 @@ class PrefillService(AttentionService):
     async def stop_work(self) -> None:
         await super().stop_work()
         await self.servicer.close()
+        if self.servicer.decode_members is not None:
+            await self.servicer.decode_members.close()
         if self.advertiser is not None:
             self.advertiser.cancel()
             await asyncio.gather(self.advertiser, return_exceptions=True)

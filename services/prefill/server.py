@@ -15,6 +15,7 @@ from services.engine.reference import check_internal_request
 from services.engine.sampling_proto import params_from_proto
 from services.prefill import metrics
 from services.prefill.core import PrefillCore, QueueFull
+from services.prefill.decode_members import DecodeMembers
 from services.protos_gen.epserve.v1 import serving_pb2, serving_pb2_grpc
 
 log = structlog.get_logger("prefill")
@@ -25,6 +26,8 @@ log = structlog.get_logger("prefill")
 # a second for a small KV, not after the configured timeout.
 TRANSFER_FLOOR_S = 2.0
 TRANSFER_MIN_BYTES_PER_S = 20e6
+# A decode instance the router heard before this process did: wait this long for its heartbeat.
+MEMBER_WAIT_S = 2.0
 
 
 def transfer_deadline(nbytes: int, cap_s: float) -> float:
@@ -36,7 +39,9 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
                  chunk_bytes: int) -> None:
         self.core, self.instance_id = core, instance_id
         self.transfer_timeout_s, self.chunk_bytes = transfer_timeout_s, chunk_bytes
-        self.channels = Channels()
+        self.channels = Channels(role="decode")  # mTLS: only a decode certificate answers
+        # The decode instances KV may go to (decode_members.py; set by the service).
+        self.decode_members: DecodeMembers | None = None
 
     def _decode_stub(self, endpoint: str) -> serving_pb2_grpc.DecodeStub:
         return serving_pb2_grpc.DecodeStub(self.channels.get(endpoint))
@@ -57,6 +62,13 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
                                        request.step_offset)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: {exc}")
+            if self.decode_members is not None and not await self.decode_members.wait_member(
+                    request.decode_endpoint, MEMBER_WAIT_S):
+                metrics.REQUESTS.labels(outcome="not_a_member").inc()
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"{rid}: decode_endpoint {request.decode_endpoint!r} is not "
+                                    f"a decode instance of this cluster (no decode heartbeat "
+                                    f"names it); refusing to send KV there")
             try:
                 out = await self.core.submit(rid, list(request.prompt_ids), params,
                                              request.step_offset, request.tenant)

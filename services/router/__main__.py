@@ -78,6 +78,7 @@ async def wait_for_instances(view: InstanceView, timeout_s: float) -> bool:
 
 class RouterService(Service):
     role = "router"
+    mesh_server = False  # the public API (API keys); its channels to instances use mTLS
 
     def __init__(self, cfg: RouterConfig) -> None:
         super().__init__(cfg)

@@ -209,7 +209,7 @@ class Attempt:
             p.chooser.decode_dispatched(inst.instance_id, rid, len(plan.prompt_ids),
                                         plan.sampling.max_tokens,
                                         inst.report.load.kv_block_size or None)
-            stub = serving_pb2_grpc.DecodeStub(p.channels.get(inst.endpoint))
+            stub = serving_pb2_grpc.DecodeStub(p.channels.get(inst.endpoint, DECODE))
             call = stub.Generate(serving_pb2.DecodeRequest(
                 request_id=rid, prompt_ids=plan.prompt_ids, sampling=plan.sampling,
                 step_offset=plan.step_offset), timeout=self._left())
@@ -291,7 +291,7 @@ class Attempt:
                                     ) from exc
             self.outcome.prefill_instance = inst.instance_id
             p.chooser.prefill_dispatched(inst.instance_id, rid, len(plan.prompt_ids))
-            stub = serving_pb2_grpc.PrefillStub(p.channels.get(inst.endpoint))
+            stub = serving_pb2_grpc.PrefillStub(p.channels.get(inst.endpoint, PREFILL))
             t0 = p.clock()
             timeout = min(self._left(), p.prefills.deadline(len(plan.prompt_ids)))
             try:

@@ -23,7 +23,6 @@ from services.balance.placement import PlacementTable
 from services.balance.placement_proto import table_from
 from services.common import subjects
 from services.common.control import kv_get, topology_complete
-from services.common.health import check_health
 from services.common.metrics_http import scrape_metrics
 from services.local.cluster import ClusterSpec, LocalCluster
 from services.local.procs import ServiceStartError
@@ -101,10 +100,11 @@ def is_stopped(pid: int | None) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
-async def nats_ok(url: str, timeout: float = HEALTH_CHECK_S) -> bool:
+async def nats_ok(url: str, timeout: float = HEALTH_CHECK_S, **connect_kw) -> bool:
+    """`connect_kw`, here and below: the cluster's `nats_options()` (its TLS identity)."""
     try:
         nc = await nats.connect(url, connect_timeout=timeout, allow_reconnect=False,
-                                max_reconnect_attempts=0)
+                                max_reconnect_attempts=0, **connect_kw)
     except Exception:
         return False
     try:
@@ -132,10 +132,11 @@ async def unhealthy(cluster: LocalCluster) -> list[str]:
         elif is_stopped(proc.pid):
             bad.append(f"{proc.name}: stopped")
     checks = list(cluster.endpoints.items())
-    results = await asyncio.gather(*(check_health(t, HEALTH_CHECK_S) for _, t in checks))
+    results = await asyncio.gather(*(cluster.check_health(name, HEALTH_CHECK_S)
+                                     for name, _ in checks))
     bad += [f"{name}: not SERVING on {t}" for (name, t), ok in zip(checks, results, strict=True)
             if not ok]
-    if not bad and not await nats_ok(cluster.nats_url):
+    if not bad and not await nats_ok(cluster.nats_url, **cluster.nats_options()):
         bad.append("nats: no answer or expert topology incomplete")
     return bad
 
@@ -154,8 +155,8 @@ async def wait_healthy(cluster: LocalCluster, timeout: float = HEAL_TIMEOUT_S) -
     raise TimeoutError(f"cluster not healthy after {timeout:.0f}s: {'; '.join(bad)}")
 
 
-async def topology(url: str) -> PlacementTable:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=2)
+async def topology(url: str, **connect_kw) -> PlacementTable:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=2, **connect_kw)
     try:
         js = nc.jetstream(timeout=5)
         topo = await kv_get(await js.key_value(subjects.TOPOLOGY_BUCKET), subjects.TOPOLOGY_KEY,
@@ -175,8 +176,9 @@ def replica_partner(table: PlacementTable, rank: int) -> int:
     return max(shared, key=lambda w: (shared[w], -w))
 
 
-async def _read_stream(url: str, timeout: float) -> list[UsageRow]:
-    nc = await nats.connect(url, connect_timeout=min(timeout, 5), max_reconnect_attempts=2)
+async def _read_stream(url: str, timeout: float, **connect_kw) -> list[UsageRow]:
+    nc = await nats.connect(url, connect_timeout=min(timeout, 5), max_reconnect_attempts=2,
+                            **connect_kw)
     try:
         js = nc.jetstream(timeout=min(timeout, 5))
         last = (await js.stream_info(subjects.USAGE_STREAM)).state.last_seq
@@ -198,15 +200,16 @@ async def _read_stream(url: str, timeout: float) -> list[UsageRow]:
         await nc.close()
 
 
-async def read_usage(url: str, prefix: str, want: set[str], timeout: float = 45.0
-                     ) -> list[UsageRow]:
+async def read_usage(url: str, prefix: str, want: set[str], timeout: float = 45.0,
+                     **connect_kw) -> list[UsageRow]:
     """The usage records of requests whose id starts with `prefix`; waits (up to `timeout`)
     until every id in `want` has one: records spooled while NATS was away come later."""
     deadline = time.monotonic() + timeout
     rows: list[UsageRow] = []
     while True:
         try:
-            rows = [r for r in await _read_stream(url, max(1.0, deadline - time.monotonic()))
+            rows = [r for r in await _read_stream(url, max(1.0, deadline - time.monotonic()),
+                                                  **connect_kw)
                     if r.request_id.startswith(prefix)]
         except Exception as exc:  # NATS restarting: try again until the deadline
             print(f"usage read failed ({type(exc).__name__}: {exc}); retrying")

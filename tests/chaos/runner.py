@@ -16,7 +16,6 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from services.common.health import check_health
 from services.local.cluster import LocalCluster
 from tests.chaos import harness
 from tests.chaos.faults import Fault, Fired, Injector
@@ -116,7 +115,7 @@ async def resolve(cluster: LocalCluster, fault: Fault, kv_prefill: str | None,
     elif t == "router-*":
         t = _busiest_router(run, s.routers)
     elif t.startswith("partner-of-"):
-        table = await harness.topology(cluster.nats_url)
+        table = await harness.topology(cluster.nats_url, **cluster.nats_options())
         t = f"expert-worker-{harness.replica_partner(table, int(t.rsplit('-', 1)[1]))}"
     return Fault(fault.kind, t, fault.hold_s, fault.latency_ms)
 
@@ -185,12 +184,11 @@ async def _wait_step(cluster: LocalCluster, step: Step, previous: Fired) -> None
         await asyncio.sleep(max(0.0, previous.t + step.delay_s - time.monotonic()))
     elif step.after == "restarted":
         name = previous.fault.target
-        target = cluster.endpoints[name]
         proc = cluster.process(name)
 
         async def up() -> bool:
             return proc.is_running() and proc.pid != previous.pid and \
-                await check_health(target, 1.0)
+                await cluster.check_health(name, 1.0)
 
         deadline = time.monotonic() + harness.HEAL_TIMEOUT_S
         while not await up():
@@ -257,7 +255,8 @@ async def run_scenario(cluster: LocalCluster, scenario: Scenario, planned: list[
     fired, note = await _drive(cluster, scenario, run, model)
     work_s = time.monotonic() - t0
     ok_ids = {rid for rid, h in histories.items() if h.ok}
-    usage = await harness.read_usage(cluster.nats_url, prefix, ok_ids)
+    usage = await harness.read_usage(cluster.nats_url, prefix, ok_ids,
+                                       **cluster.nats_options())
     report = check(histories, expected, usage, decode)
     _dump(harness.LOG_DIR / f"{prefix}histories.json", histories, expected, usage)
     heal_s = await harness.wait_healthy(cluster)

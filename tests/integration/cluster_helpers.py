@@ -84,9 +84,10 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "") -> None:
         time.sleep(0.1)
 
 
-async def read_topology(nats_url: str) -> control_pb2.Topology:
-    """The scheduler's topology as it is in JetStream KV now."""
-    nc = await nats.connect(nats_url)
+async def read_topology(nats_url: str, **connect_kw) -> control_pb2.Topology:
+    """The scheduler's topology as it is in JetStream KV now (`connect_kw`: the cluster's
+    `nats_options()`, its TLS identity)."""
+    nc = await nats.connect(nats_url, **connect_kw)
     try:
         kv = await nc.jetstream().key_value(subjects.TOPOLOGY_BUCKET)
         return await kv_get(kv, subjects.TOPOLOGY_KEY, control_pb2.Topology)

@@ -29,7 +29,8 @@ def cluster(tiny_model_dir):
 
 def epserve(cluster, *args: str) -> str:
     out = subprocess.run([sys.executable, "-m", "services.cli", *args, "--nats-url",
-                          cluster.nats_url], capture_output=True, text=True, timeout=60)
+                          cluster.nats_url, *cluster.operator_args()],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -88,7 +89,8 @@ def test_a_key_works_on_both_apis_and_bills_its_tenant(cluster):
 
     def billed() -> bool:
         out = subprocess.run([sys.executable, "-m", "services.cli", "economics", "live", "--json",
-                              "--tenant", "acme", "--nats-url", cluster.nats_url],
+                              "--tenant", "acme", "--nats-url", cluster.nats_url,
+                              *cluster.operator_args()],
                              capture_output=True, text=True, timeout=60)
         return out.returncode == 0 and json.loads(out.stdout)["tokens"]["input_total"] == want
 
@@ -126,7 +128,6 @@ def test_a_key_over_its_limit_gets_429_with_retry_after(cluster):
     assert retry is not None and int(retry) >= 1
     # Another key of the same cluster is not held back by this one's limit.
     assert complete(cluster, create(cluster, "other")["key"]).usage.completion_tokens == 3
-
 
 
 def test_a_key_cannot_reserve_more_kv_than_its_cap(cluster):

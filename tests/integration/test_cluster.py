@@ -212,7 +212,7 @@ def test_openai_http_client_going_away_frees_the_decode_slot(cluster):
 @pytest.mark.parametrize("body, fragment", [
     (b"{not json", "not valid JSON"),
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be > 0"),
-    ({"prompt": "hi", "stop": ["\n"]}, "'stop' is not supported"),
+    ({"prompt": "hi", "stop": [""]}, "stop strings must be 1..256 characters"),
     ({"prompt": "hi", "max_tokens": 4, "top_p": 2}, "top_p must be in (0, 1]"),
     ({"prompt": 5}, "prompt must be a string or a list of token ids"),
 ])
@@ -250,7 +250,8 @@ def test_admission_control_refuses_beyond_the_bound(cluster, tiny_model_dir, tmp
     port = free_port()
     router = ServiceProcess.epserve("router-bounded", [
         "serve", "router", "--model", str(tiny_model_dir), "--nats-url", cluster.nats_url,
-        "--port", str(port), "--max-inflight", "2", "--instance-id", "router-bounded"], tmp_path)
+        "--port", str(port), "--max-inflight", "2", "--instance-id", "router-bounded",
+        *cluster.extra_identity_args("router-bounded", "router")], tmp_path)
     router.start()
     try:
         router.wait_healthy(f"127.0.0.1:{port}", 60)
@@ -306,7 +307,7 @@ def test_one_usage_record_per_request(cluster, workload_and_reference):
     reqs, _ = workload_and_reference
 
     async def go():
-        nc = await nats.connect(cluster.nats_url)
+        nc = await nats.connect(cluster.nats_url, **cluster.nats_options())
         js = nc.jetstream()
         sub = await js.subscribe(subjects.USAGE_SUBJECT, ordered_consumer=True)
         records = {}
@@ -340,7 +341,7 @@ def test_scheduler_restart_changes_no_output(cluster, workload_and_reference):
                                      split_policy="balanced_attention", min_batch_tokens=16)
 
     async def buckets(new_plan=None):
-        nc = await nats.connect(cluster.nats_url)
+        nc = await nats.connect(cluster.nats_url, **cluster.nats_options())
         js = nc.jetstream()
         topo = await kv_get(await js.key_value(subjects.TOPOLOGY_BUCKET), subjects.TOPOLOGY_KEY,
                             control_pb2.Topology)
@@ -393,7 +394,7 @@ def test_sigterm_drains_the_decode_instance(cluster):
     assert decode.returncode == 0
 
     async def member_state():
-        nc = await nats.connect(cluster.nats_url)
+        nc = await nats.connect(cluster.nats_url, **cluster.nats_options())
         kv = await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)
         member = await kv_get(kv, "decode-0", control_pb2.Member)
         await nc.close()

@@ -57,7 +57,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
 
 def live(cluster, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "services.cli", "economics", "live", "--json",
-                          "--nats-url", cluster.nats_url, *args],
+                          "--nats-url", cluster.nats_url, *cluster.operator_args(), *args],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -131,7 +131,7 @@ def test_two_requests_reusing_a_client_id_are_both_billed(cluster):
 
 def read_uptimes(cluster) -> list:
     async def go():
-        nc = await nats.connect(cluster.nats_url)
+        nc = await nats.connect(cluster.nats_url, **cluster.nats_options())
         try:
             return (await read_ledger(nc.jetstream())).uptimes
         finally:

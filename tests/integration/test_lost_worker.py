@@ -29,12 +29,12 @@ def test_experts_of_a_lost_worker_are_placed_on_the_others(tiny_model_dir):
                        redundant_experts=8, extra={"scheduler": ("--lost-worker-grace-s", "2")})
     cluster = start(spec)
     try:
-        before = asyncio.run(read_topology(cluster.nats_url))
+        before = asyncio.run(read_topology(cluster.nats_url, **cluster.nats_options()))
         cluster.process("expert-worker-1").kill()
         t0 = time.monotonic()
         got = asyncio.run(run_remote(cluster.router_endpoint, reqs, "-lost"))
         check_invariant(reqs, expected, got)
-        after = asyncio.run(read_topology(cluster.nats_url))
+        after = asyncio.run(read_topology(cluster.nats_url, **cluster.nats_options()))
         assert after.version == before.version + 1 and list(after.lost_ranks) == [1]
         print(f"served around the lost worker after {time.monotonic() - t0:.1f}s")
     finally:

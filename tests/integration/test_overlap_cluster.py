@@ -72,7 +72,7 @@ def test_epserve_up_with_link_proxies_plan_and_traces(tiny_model_dir, tmp_path):
         got = asyncio.run(run_remote(cluster.router_endpoint, reqs))
 
         async def topology():
-            nc = await connect(cluster.nats_url, "test-topology")
+            nc = await connect(cluster.nats_url, "test-topology", **cluster.nats_options())
             try:
                 kv = await kv_bucket(nc.jetstream(), subjects.TOPOLOGY_BUCKET)
                 return await kv_get(kv, subjects.TOPOLOGY_KEY, control_pb2.Topology)

@@ -37,8 +37,8 @@ def skewed(n: int, max_tokens: int, tag: str) -> list[GenerationRequest]:
         max_tokens=max_tokens + 20 * i, ignore_eos=True)) for i in range(n)]
 
 
-async def _member(nats_url: str, instance_id: str) -> control_pb2.Member:
-    nc = await nats.connect(nats_url)
+async def _member(nats_url: str, instance_id: str, **connect_kw) -> control_pb2.Member:
+    nc = await nats.connect(nats_url, **connect_kw)
     try:
         kv = await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)
         return await kv_get(kv, instance_id, control_pb2.Member)
@@ -58,7 +58,7 @@ def test_skewed_load_triggers_a_rebalance_mid_generation(tiny_model_dir):
             run = asyncio.create_task(run_remote(cluster.router_endpoint, first))
             versions = []
             while not run.done():
-                topo = await read_topology(cluster.nats_url)
+                topo = await read_topology(cluster.nats_url, **cluster.nats_options())
                 versions.append((topo.version, bool(all(topo.worker_endpoints))))
                 await asyncio.sleep(0.1)
             return await run, versions
@@ -73,9 +73,9 @@ def test_skewed_load_triggers_a_rebalance_mid_generation(tiny_model_dir):
         second = skewed(3, 20, "after")
         got2 = asyncio.run(run_remote(cluster.router_endpoint, second))
         check_invariant(second, reference(tiny_model_dir, second), got2)
-        topo = asyncio.run(read_topology(cluster.nats_url))
+        topo = asyncio.run(read_topology(cluster.nats_url, **cluster.nats_options()))
         assert topo.version >= 2 and all(topo.worker_endpoints)
-        decode = asyncio.run(_member(cluster.nats_url, "decode-0"))
+        decode = asyncio.run(_member(cluster.nats_url, "decode-0", **cluster.nats_options()))
         assert decode.last.placement_version >= 2  # it switched (a later plan may be rolling)
     except BaseException:
         print(cluster.log_tails(60))

