@@ -269,3 +269,45 @@ def served(source, docs, tmp_path_factory) -> list[Serve]:
         assert {s.service for s in found} == set(CONFIGS), "every service has a workload"
         _served[source] = found
     return _served[source]
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS: the Secrets `epserve certs --k8s` prints, and the ones the pods mount
+
+
+def secret_mounts(c: Container) -> dict[str, dict]:
+    """mountPath -> {"mount": the volumeMount, "volume": its secret volume} for the container's
+    mounts of Secret volumes."""
+    volumes = {v["name"]: v for v in c.pod["spec"].get("volumes", [])}
+    for claim in c.workload["spec"].get("volumeClaimTemplates", []):  # a StatefulSet's PVCs
+        volumes[claim["metadata"]["name"]] = {"persistentVolumeClaim": claim}
+    out = {}
+    for m in c.spec.get("volumeMounts", []):
+        volume = volumes.get(m["name"])
+        assert volume is not None, f"{c.name}: mount {m['name']!r} names no volume"
+        if "secret" in volume:
+            out[m["mountPath"]] = {"mount": m, "volume": volume}
+    return out
+
+
+@dataclass
+class K8sCerts:
+    out: Path  # what `epserve certs --out OUT --k8s` wrote: OUT/<role>/{tls.crt,tls.key,ca.crt}
+    secrets: dict[str, dict]  # Secret name -> the manifest it printed
+    namespace: str
+
+
+@pytest.fixture(scope="session")
+def k8s_certs(tmp_path_factory) -> K8sCerts:
+    """`epserve certs --k8s` run once, through the real CLI, with the kustomization's namespace."""
+    import contextlib
+    import io
+
+    from services.cli import main as cli_main
+    namespace = load_docs(K8S / "kustomization.yaml")[0]["namespace"]
+    out = tmp_path_factory.mktemp("k8s-certs")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli_main(["certs", "--out", str(out), "--k8s", "--namespace", namespace]) == 0
+    docs = [d for d in yaml.safe_load_all(printed.getvalue()) if d is not None]
+    return K8sCerts(out, {d["metadata"]["name"]: d for d in docs}, namespace)

@@ -113,8 +113,12 @@ def test_serve_containers_probe_serve_and_expose_their_ports(served):
         ports = c.ports()
         assert cfg.host == "0.0.0.0", f"{c.name}: probes and scrapes come from outside the pod"
         assert cfg.port in ports.values(), f"{c.name}: gRPC port {cfg.port} not declared"
+        # the main port wants a client certificate (mTLS): probes ask the plaintext health-only
+        # server (--health-port), which must be on, on a port of its own, and declared
+        assert cfg.health_port > 0 and cfg.health_port not in (cfg.port, cfg.metrics_port), c.name
+        assert ports.get("health") == cfg.health_port, f"{c.name}: health port not declared"
         for probe in PROBES:
-            assert c.spec[probe]["grpc"]["port"] == cfg.port, f"{c.name}: {probe}"
+            assert c.spec[probe]["grpc"]["port"] == cfg.health_port, f"{c.name}: {probe}"
         annotations = c.pod["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         assert int(annotations["prometheus.io/port"]) == cfg.metrics_port
@@ -136,10 +140,10 @@ def test_every_service_shares_nats_and_model(served):
     assert len(nats) == 1 and len(models) == 1
     assert next(iter(models)).startswith("/models/")
     for s in served:
-        if s.service == "ledger":  # loads no model: nothing to mount
-            assert "volumeMounts" not in s.container.spec, s.container.name
-            continue
         mounts = {m["mountPath"]: m for m in s.container.spec["volumeMounts"]}
+        if s.service == "ledger":  # loads no model: only its TLS identity is mounted
+            assert set(mounts) == {s.cfg.tls_dir}, s.container.name
+            continue
         assert mounts["/models"].get("readOnly") is True, s.container.name
         volume = next(v for v in s.container.pod["spec"]["volumes"]
                       if v["name"] == mounts["/models"]["name"])
