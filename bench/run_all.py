@@ -13,6 +13,7 @@ from bench import results
 BENCHMARKS = (
     ("bench.bench_engine", True),
     ("bench.bench_ep", True),
+    ("bench.bench_transport", True),
     ("bench.bench_overlap", True),
     ("bench.bench_eplb", False),
     ("bench.bench_request_lb", False),
