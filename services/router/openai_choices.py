@@ -16,6 +16,8 @@ import dataclasses
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+import grpc
+
 from services.protos_gen.epserve.v1 import inference_pb2
 from services.router.flow import RequestFailed
 from services.router.validation import RawRequest
@@ -50,6 +52,9 @@ class Choices:
                 self._queue.put_nowait((index, response))
         except RequestFailed as exc:
             self._queue.put_nowait((index, exc))
+        except Exception as exc:  # a bug: the handler still gets an answer, not a hang
+            self._queue.put_nowait((index, RequestFailed(
+                grpc.StatusCode.INTERNAL, f"choice {index}: internal error: {exc}")))
         finally:
             await stream.aclose()  # the request's clean-up (slot, usage record) runs now
         self._queue.put_nowait((index, _END))
