@@ -3,7 +3,10 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-MODEL_DIR ?= models/v3-mini
+# `make run` serves the trained demo model committed in checkpoints/ (epserve train);
+# models/v3-mini is the random-weight preset (generated on demand) that `make bench` measures.
+MODEL_DIR ?= checkpoints/bard-moe
+BENCH_MODEL_DIR ?= models/v3-mini
 
 .PHONY: install run test chaos fuzz bench lint protos clean
 
@@ -15,14 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first from the pinned range, so a CPU-only machine keeps its CPU wheel.
 	$(BIN)/pip install -q "torch>=2.4,<2.14"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,train]"
 	touch $(STAMP)
 
 protos: install
 	$(BIN)/python -m services.local.codegen
 
-$(MODEL_DIR)/config.json: | install
-	$(BIN)/epserve make-model --preset v3-mini --out $(MODEL_DIR)
+models/v3-mini/config.json: | install
+	$(BIN)/epserve make-model --preset v3-mini --out models/v3-mini
 
 run: install $(MODEL_DIR)/config.json
 	$(BIN)/python -m services.local.demo --model $(MODEL_DIR)
@@ -42,8 +45,8 @@ chaos: install
 fuzz: install
 	EPSERVE_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest -q tests/fuzz
 
-bench: install $(MODEL_DIR)/config.json
-	$(BIN)/python -m bench.run_all --model $(MODEL_DIR)
+bench: install $(BENCH_MODEL_DIR)/config.json
+	$(BIN)/python -m bench.run_all --model $(BENCH_MODEL_DIR)
 
 lint: install
 	$(BIN)/ruff check services tests bench

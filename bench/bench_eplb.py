@@ -5,7 +5,13 @@ Loads: torch.manual_seed(0); w = round(LogNormal(0, 1).sample((58, 256)) * 1000)
 The perturbed column evaluates the plan made on w against w x LogNormal(0, 0.25) (drawn next from
 the same generator): how much of the balance survives when the loads drift after planning.
 
-Run: .venv/bin/python -m bench.bench_eplb
+Real loads: the trained demo model's per-expert loads over its held-out plays
+(checkpoints/bard-moe/expert_loads.json, measured by `epserve train`: its MoE layers x 64
+experts in 8 groups, real routing skew), on a unit sized for 64 experts. There the perturbed
+column is real drift: the plan is made on one held-out play's loads and evaluated on the
+other's.
+
+Run: .venv/bin/python -m bench.bench_eplb [--real-loads DIR]
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +28,7 @@ import torch
 from services.balance.eplb import EplbConfig, Policy, plan
 from services.balance.metrics import balancedness_of_loads, worker_loads
 from services.balance.naive import contiguous_placement
+from services.train.expert_loads import ExpertLoads
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,34 @@ class Unit:
 PREFILL = Unit("prefill", 288, 8, 4, 32)
 DECODE = Unit("decode", 288, 8, 18, 144)
 
+# For the demo model's 64 experts: 2 nodes x 4 GPUs, 80 slots (16 redundant), 8 groups.
+REAL = Unit("bard-moe", 80, 8, 2, 8)
+REAL_LOADS_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "bard-moe"
+
 # DeepSeek's published EPLB on these loads, for comparison (the brief's figures).
 DEEPSEEK_REPORTED = {"prefill": (0.926, 1.000), "decode": (0.755, 0.773)}
+
+
+def real_loads(model_dir: Path) -> tuple[np.ndarray, np.ndarray, str, list[int]]:
+    """(plan-on loads, evaluate-on loads, what they are, layer ids) from a model's
+    expert_loads.json: two held-out parts when it has them, else the whole text for both."""
+    loads = ExpertLoads.from_dir(model_dir)
+    layer_ids = sorted(loads.layers)
+    parts = sorted(loads.parts.items())
+    if len(parts) >= 2:
+        (a, first), (b, second) = parts[0], parts[1]
+        return (np.asarray(first.matrix(), dtype=np.float64),
+                np.asarray(second.matrix(), dtype=np.float64),
+                f"planned on {a}'s loads; perturbed = evaluated on {b}'s", layer_ids)
+    whole = np.asarray(loads.matrix(), dtype=np.float64)
+    return whole, whole, loads.source, layer_ids
+
+
+def skew_lines(loads: np.ndarray, layer_ids: list[int]) -> list[str]:
+    """Per layer: how uneven the experts themselves are (before any placement)."""
+    return [f"  layer {i}: hottest expert {w.max() / w.mean():.2f}x the mean, coldest "
+            f"{w.min() / w.mean():.2f}x, expert balancedness (mean/max) {w.mean() / w.max():.3f}"
+            for i, w in zip(layer_ids, loads, strict=True)]
 
 
 def make_loads(layers: int = 58, experts: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -205,11 +239,12 @@ def fmt(value: float, digits: int = 4) -> str:
 
 
 def print_table(unit: Unit, rows: list[tuple]) -> None:
-    reported, bound = DEEPSEEK_REPORTED[unit.name]
-    print(
-        f"\n{unit.name} unit: R={unit.slots} G={unit.groups} N={unit.nodes} M={unit.gpus} "
-        f"(DeepSeek EPLB reported {reported:.3f}, bound {bound:.3f})"
-    )
+    reported = ""
+    if unit.name in DEEPSEEK_REPORTED:
+        value, bound = DEEPSEEK_REPORTED[unit.name]
+        reported = f" (DeepSeek EPLB reported {value:.3f}, bound {bound:.3f})"
+    print(f"\n{unit.name} unit: R={unit.slots} G={unit.groups} N={unit.nodes} M={unit.gpus}"
+          f"{reported}")
     header = (
         f"{'placement':48} {'balanced':>9} {'perturbed':>9} {'bound':>7} {'node-bnd':>8} {'sec':>6}"
     )
@@ -224,6 +259,8 @@ def print_table(unit: Unit, rows: list[tuple]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_eplb", description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=58, help="MoE layers to use (58)")
+    parser.add_argument("--real-loads", type=Path, default=REAL_LOADS_DIR,
+                        help="a checkpoint dir with expert_loads.json (the demo model's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     loads, perturbed = make_loads()
@@ -233,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     print("node-bnd = hierarchical ceiling: heaviest node's mean GPU load (groups stay on nodes)")
     for unit in (PREFILL, DECODE):
         print_table(unit, rows_for(unit, loads, perturbed))
+    if (args.real_loads / "expert_loads.json").is_file():
+        plan_on, evaluate_on, what, layer_ids = real_loads(args.real_loads)
+        print(f"\nreal loads: {args.real_loads.name}'s experts over its held-out text, "
+              f"{plan_on.shape[0]} MoE layers x {plan_on.shape[1]} experts; {what}")
+        for line in skew_lines(plan_on, layer_ids):
+            print(line)
+        print_table(REAL, rows_for(REAL, plan_on, evaluate_on))
     return 0
 
 

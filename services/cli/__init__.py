@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "services.cli.local",  # link-proxy, nats-server
     "services.cli.keys",  # keys create|list|revoke
     "services.cli.certs",  # certs (the mesh CA and per-service certificates)
+    "services.cli.train",  # train
 )
 
 

@@ -5,6 +5,13 @@ service its own process), sends a demo workload of concurrent requests through t
 API, prints a summary ending with the workload's own cost, revenue and margin from the ledger,
 and stops everything it started. `--local` runs the single-process
 reference engine instead (no cluster).
+
+The default model is the committed demo checkpoint, checkpoints/bard-moe: a DeepSeek-V3 MoE
+trained on Shakespeare (`epserve train`), so the completions read as text and the expert loads
+come from real routing. Prompts are speaker names as the plays set them (`Romeo.`, `MACBETH.`;
+`BRUTUS.` and `MALVOLIO.` speak only in the held-out plays) and a few lines it never read.
+Every request samples with its own seed (temperature 0.8, top-p 0.95): a model this small
+loops when greedy, and seeded sampling is exact in this system, so a rerun prints the same.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from services.client import InferenceClient, RemoteCompletion
 from services.economics import money
@@ -22,16 +30,23 @@ from services.ledger.report import live_report, read_live
 from services.local.cluster import ClusterSpec, LocalCluster
 from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "bard-moe"
 PROMPTS = (
+    "Romeo.\n",
+    "MACBETH.\n",
+    "BRUTUS.\n",  # Julius Caesar is held out of training
+    "Juliet.\nO Romeo, Romeo!",
+    "MALVOLIO.\n",  # so is Twelfth Night
     "The mixture of experts routes each token to",
     "Prefill and decode run on separate machines because",
-    "In 2025 DeepSeek reported a cost-profit margin of",
-    "def expert_parallel(tokens, experts):",
-    "Wide expert parallelism hides communication behind compute by",
-    "A prefix cache on disk saves",
-    "Two micro-batches overlap",
-    "The router picks the decode instance with the most free KV blocks",
+    "KING LEAR.\nThe router picks",
 )
+
+
+def demo_params(i: int, max_tokens: int) -> SamplingParams:
+    """Request i's sampling: seeded, so the demo's text is the same on every run."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=i,
+                          ignore_eos=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,13 +61,9 @@ async def run_workload(endpoint: str, requests: int, concurrency: int, max_token
     gate = asyncio.Semaphore(concurrency)
 
     async def one(client: InferenceClient, i: int) -> RemoteCompletion:
-        # Mixed sampling: every third request samples with a seed, the rest are greedy.
-        params = (SamplingParams(max_tokens=max_tokens, temperature=0.7, top_p=0.95, seed=i,
-                                 ignore_eos=True) if i % 3 == 2
-                  else SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         async with gate:
             return await client.generate(f"demo-{i}", prompt=PROMPTS[i % len(PROMPTS)],
-                                         params=params)
+                                         params=demo_params(i, max_tokens))
 
     async with InferenceClient(endpoint) as client:
         t0 = time.perf_counter()
@@ -71,6 +82,12 @@ async def expert_loads(cluster: LocalCluster) -> dict[str, int]:
                 expert_pb2.ExpertLoadRequest(), timeout=10)
         out[name] = sum(sum(layer.tokens) for layer in load.layers)
     return out
+
+
+def print_completion(prompt: str, text: str) -> None:
+    """The prompt, then what the model wrote, indented, as a reader sees a play."""
+    body = (prompt + text).strip("\n").replace("\n", "\n    ")
+    print(f"  > {body}\n")
 
 
 def print_summary(done: list[RemoteCompletion], wall: float, loads: dict[str, int]) -> None:
@@ -127,8 +144,8 @@ def run_cluster(args: argparse.Namespace) -> int:
               f"{cluster.router_endpoint}", flush=True)
         done, wall = asyncio.run(run_workload(cluster.router_endpoint, args.requests,
                                               args.concurrency, args.max_tokens))
-        for c in done[: min(4, len(done))]:
-            print(f"> {c.request_id}: {c.text[:70]!r}")
+        for i, c in enumerate(done[: len(PROMPTS)]):
+            print_completion(PROMPTS[i % len(PROMPTS)], c.text)
         print_summary(done, wall, asyncio.run(expert_loads(cluster)))
         print_margin(cluster.nats_url, len(done),
                      tls_dir=str(cluster.tls.dir("operator")) if cluster.tls else "")
@@ -145,11 +162,10 @@ def run_local(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_dir(args.model)
     model = load_model(args.model)
     engine = ReferenceEngine(model)
-    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    requests = [GenerationRequest(f"demo-{i}", tok.encode(p), params)
-                for i, p in enumerate(PROMPTS[:4])]
-    for prompt, c in zip(PROMPTS, engine.generate(requests), strict=False):
-        print(f"> {prompt}\n  {tok.decode(c.token_ids, skip_special_tokens=True)!r}")
+    requests = [GenerationRequest(f"demo-{i}", tok.encode(p), demo_params(i, args.max_tokens))
+                for i, p in enumerate(PROMPTS)]
+    for prompt, c in zip(PROMPTS, engine.generate(requests), strict=True):
+        print_completion(prompt, tok.decode(c.token_ids, skip_special_tokens=True))
     s = engine.stats
     print(f"\nprefill: {s.prefill_tokens} tokens, {s.prefill_tok_s:,.0f} tok/s")
     print(f"decode:  {s.decode_tokens} tokens in {s.decode_steps} steps, "
@@ -159,10 +175,11 @@ def run_local(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL),
+                    help="checkpoint directory (default: the trained demo model)")
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--expert-workers", type=int, default=4)
     ap.add_argument("--redundant-experts", type=int, default=4)
     ap.add_argument("--local", action="store_true", help="reference engine only, no cluster")

@@ -178,6 +178,19 @@ class DeepseekModel(nn.Module):
 
         routed_fns maps a MoE layer id to a replacement for its local ExpertBank (EP dispatch).
         """
+        return self.forward_with_grad(input_ids, batch, caches, routed_fns, all_logits)
+
+    def forward_with_grad(
+        self,
+        input_ids: torch.Tensor,
+        batch: AttentionBatch,
+        caches: Sequence[torch.Tensor],
+        routed_fns: Mapping[int, RoutedFn] | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """forward's math outside inference mode, so autograd records it: training
+        (services/train/) runs whole sequences as one prefill batch over fresh caches through
+        this, the same stages serving runs."""
         h = self.embed(input_ids)
         cos_sin = self.cos_sin(batch.positions)
         for layer in self.layers:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Iterable
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
@@ -139,9 +140,13 @@ def write_tokenizer(out_dir: pathlib.Path, vocab_size: int) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE}, got {vocab_size}")
+    save_tokenizer(out_dir, build_tokenizer(vocab_size))
+
+
+def save_tokenizer(out_dir: pathlib.Path, tokenizer: Tokenizer) -> None:
+    """Write a tokenizer built here (build_tokenizer, train_bpe) with its config files."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size)
     # to_str is canonical for a given tokenizer; sort_keys keeps the config files stable too.
     _write_text(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(tokenizer))
@@ -150,6 +155,12 @@ def write_tokenizer(out_dir: pathlib.Path, vocab_size: int) -> None:
 
 def build_tokenizer(vocab_size: int) -> Tokenizer:
     """Train the BPE on TRAINING_CORPUS and pad it with placeholders to exactly vocab_size."""
+    return train_bpe([TRAINING_CORPUS], vocab_size)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A DeepSeek-style byte-level BPE trained on texts, padded with placeholders to exactly
+    vocab_size (the demo model's tokenizer is trained on its corpus through this)."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE}, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
@@ -169,7 +180,7 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([TRAINING_CORPUS], trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     missing = vocab_size - tokenizer.get_vocab_size(with_added_tokens=True)
     tokenizer.add_special_tokens(
         [AddedToken(placeholder_token(i), special=True, normalized=False) for i in range(missing)]

@@ -1,0 +1,1 @@
+"""Training the demo model: corpus, tokenizer, loop, export (builds on services/model/)."""
