@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import statistics
 import sys
 import time
@@ -174,6 +175,9 @@ def run_local(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # asyncio warns when a TLS connection to NATS closes ("returning true from eof_received()
+    # has no effect when using ssl"): nats-py's doing, harmless, and noise in the demo's output
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=str(DEFAULT_MODEL),
                     help="checkpoint directory (default: the trained demo model)")
