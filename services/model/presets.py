@@ -4,6 +4,10 @@
 - v3-mini: DeepSeek-V3's routing topology exactly (256 routed experts, 8 active, 8 groups with
   4 chosen, 1 shared expert, sigmoid gate with correction bias, MLA with q-LoRA, first layer
   dense, YaRN rope) at hidden size 256: about 40M parameters.
+- v3-wide: a compute-dominated shape for the data-plane benchmarks (issue 15): hidden 1024
+  with DeepSeek-V3's layer structure but fewer experts (16 routed, top-4, 4 groups with 2
+  chosen) and layers (1 dense + 2 MoE), so a token's expert work outweighs the per-message
+  Python overhead that dominates at hidden 256: about 76M parameters.
 """
 
 from __future__ import annotations
@@ -87,6 +91,30 @@ PRESETS: dict[str, dict[str, Any]] = {
             "mscale": 1.0,
             "mscale_all_dim": 1.0,
         },
+        "torch_dtype": "bfloat16",
+    },
+    "v3-wide": {
+        **_COMMON,
+        "vocab_size": 4096,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "moe_intermediate_size": 512,
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "q_lora_rank": 384,
+        "kv_lora_rank": 256,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "n_shared_experts": 1,
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
         "torch_dtype": "bfloat16",
     },
 }
