@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import nats
+import openai
 import torch
 
 from services.client import InferenceClient, RemoteCompletion
@@ -28,6 +29,12 @@ def start(spec: ClusterSpec) -> LocalCluster:
     except BaseException:
         print(cluster.log_tails(40))
         raise
+
+
+def openai_client(cluster: LocalCluster, api_key: str = "unused") -> openai.OpenAI:
+    """The real `openai` client on router-0's HTTP API: no retries, a minute per call."""
+    return openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key=api_key, max_retries=0,
+                         timeout=60)
 
 
 def workload(vocab: int, seed: int = 7) -> list[GenerationRequest]:

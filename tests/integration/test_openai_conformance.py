@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from services.local.cluster import ClusterSpec
-from tests.integration.cluster_helpers import start
+from tests.integration.cluster_helpers import openai_client, start
 from tests.openai_schema import errors
 
 MAX_TOKENS = 6
@@ -40,8 +40,7 @@ def cluster(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def client(cluster) -> openai.OpenAI:
-    with openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", max_retries=0,
-                       timeout=60) as c:
+    with openai_client(cluster) as c:
         yield c
 
 
