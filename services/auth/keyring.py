@@ -1,15 +1,15 @@
 """The router's key ring: API-key records read from JetStream KV, checked per request.
 
-Records are re-read every `refresh_s` (a revoked key stops working within that), and at once
-(at most every `miss_refresh_s`) when a well-formed key of an unknown id is presented, so a key
-created a moment ago works on its first request. A key that is malformed, unknown, of another
+Records are re-read every `refresh_s` (a revoked key stops working within that). A well-formed
+key of an id not yet read is looked up by itself in KV at once (one get, with a deadline), so a
+key created a moment ago works on its first request whatever the refresh's phase; at most
+`MAX_MISS_LOOKUPS` such lookups run at a time, so a flood of made-up keys cannot flood NATS. A key that is malformed, unknown, of another
 secret or revoked is Unauthenticated; the message never says which.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import structlog
 
@@ -19,6 +19,9 @@ from services.common.control import kv_bucket, kv_entries
 
 log = structlog.get_logger("auth")
 REFUSED = "invalid API key (send `Authorization: Bearer <key>`; `epserve keys create` makes one)"
+
+
+MAX_MISS_LOOKUPS = 4
 
 
 class Unauthenticated(Exception):
@@ -40,11 +43,11 @@ async def read_records(kv, timeout_s: float = 5.0) -> dict[str, ApiKeyRecord]:
 
 
 class KeyRing:
-    def __init__(self, kv, refresh_s: float = 2.0, miss_refresh_s: float = 1.0) -> None:
-        self.kv, self.refresh_s, self.miss_refresh_s = kv, refresh_s, miss_refresh_s
+    def __init__(self, kv, refresh_s: float = 2.0, lookup_timeout_s: float = 2.0) -> None:
+        self.kv, self.refresh_s, self.lookup_timeout_s = kv, refresh_s, lookup_timeout_s
         self.records: dict[str, ApiKeyRecord] = {}
-        self._read_at = 0.0
         self._task: asyncio.Task | None = None
+        self._lookups = asyncio.Semaphore(MAX_MISS_LOOKUPS)
 
     async def start(self) -> None:
         await self._refresh()
@@ -56,8 +59,30 @@ class KeyRing:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _refresh(self) -> None:
-        self._read_at = time.monotonic()
         self.records = await read_records(self.kv)
+
+    async def _look_up(self, key_id: str) -> ApiKeyRecord | None:
+        """The one record `key_id` names, read from KV now; None if absent or unreadable."""
+        async def get():
+            async with self._lookups:
+                return await self.kv.get(key_id)
+
+        try:  # the deadline covers the wait for a lookup slot too
+            entry = await asyncio.wait_for(get(), self.lookup_timeout_s)
+        except Exception as exc:  # absent (KeyNotFoundError), or NATS slow or away
+            if type(exc).__name__ != "KeyNotFoundError":
+                log.warning("api_key_lookup_failed", key_id=key_id,
+                            error=f"{type(exc).__name__}: {exc}")
+            return None
+        if not entry.value:
+            return None
+        try:
+            record = ApiKeyRecord.from_json(entry.value)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("api_key_record_unreadable", key_id=key_id, error=str(exc))
+            return None
+        self.records = {**self.records, key_id: record}
+        return record
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -72,12 +97,8 @@ class KeyRing:
         if key_id is None:
             raise Unauthenticated(REFUSED)
         record = self.records.get(key_id)
-        if record is None and time.monotonic() - self._read_at >= self.miss_refresh_s:
-            try:
-                await self._refresh()
-            except Exception as exc:
-                log.warning("api_keys_refresh_failed", error=f"{type(exc).__name__}: {exc}")
-            record = self.records.get(key_id)
+        if record is None:
+            record = await self._look_up(key_id)
         if record is None or record.revoked or not record.matches(key):
             log.info("api_key_refused", key_id=key_id,
                      why="unknown" if record is None else "revoked" if record.revoked
