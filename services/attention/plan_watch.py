@@ -45,7 +45,8 @@ class PlanWatcher:
         self.apply(plan)
         self.adopted += 1
         log.info("overlap_plan_received", version=plan.version, micro_batches=plan.micro_batches,
-                 split_policy=plan.split_policy, min_batch_tokens=plan.min_batch_tokens)
+                 split_policy=plan.split_policy, min_batch_tokens=plan.min_batch_tokens,
+                 fixed=plan.fixed)
         return True
 
     async def start(self) -> PlanWatcher:

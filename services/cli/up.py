@@ -37,6 +37,10 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                       help="how a step is split in two (default: balanced_attention)")
     plan.add_argument("--min-batch-tokens", type=int, default=None,
                       help="steps with fewer tokens run as one micro-batch (default: 16)")
+    plan.add_argument("--fixed-split", action="store_true",
+                      help="split every step the two flags above allow; by default each "
+                           "instance measures whether two micro-batches pay and runs the "
+                           "faster way")
     plan.add_argument("--trace-dir", default="",
                       help="every prefill/decode instance writes a Chrome trace DIR/<name>.json")
     eplb = p.add_argument_group("live expert rebalancing (off by default)")
@@ -77,6 +81,7 @@ def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
                            max_inflight=args.max_inflight, log_level=args.log_level,
                            micro_batches=args.micro_batches, split_policy=args.split_policy,
                            min_batch_tokens=args.min_batch_tokens,
+                           fixed_split=args.fixed_split,
                            trace_dir=str(Path(args.trace_dir).resolve()) if args.trace_dir else "",
                            link_latency_ms=args.link_latency_ms,
                            link_bandwidth_mbps=args.link_bandwidth_mbps,

@@ -18,8 +18,9 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.engine.ep_client import EPError, ExpertClient
-from services.engine.microbatch import OverlapSettings
+from services.engine.microbatch import OverlapSettings, wants_split
 from services.engine.overlap import ForwardStats, OverlappedStep
+from services.engine.overlap_tuner import OverlapTuner
 from services.engine.reference import Completion, EngineStats, GenerationLoop, GenerationRequest
 from services.engine.trace import ChromeTrace
 from services.model.batch import AttentionBatch
@@ -34,6 +35,9 @@ COMPUTE_SECONDS = Counter("epserve_ep_compute_seconds",
 SPLIT_STEPS = Counter("epserve_ep_split_steps", "EP forwards run as two micro-batches")
 REDONE_STEPS = Counter("epserve_ep_redone_steps", "EP steps redone after a failure, by reason",
                        ["reason"])
+TUNED_SINGLE_STEPS = Counter(
+    "epserve_ep_tuned_single_steps",
+    "EP forwards the plan would split that ran as one micro-batch, as the overlap tuner chose")
 PLAN_VERSION = Gauge("epserve_ep_overlap_plan_version", "overlap plan version in use")
 log = structlog.get_logger("ep_engine")
 
@@ -45,6 +49,8 @@ class EPEngine:
     NATS), and forward() reads it once at its start, so a new plan takes effect at a step
     boundary. Likewise `switch_client` hands over a client for a new expert topology, adopted
     at the next step boundary. `tracer` (a ChromeTrace) records every op of every step when set.
+    Unless the plan is `fixed`, a step the plan would split runs as one or two micro-batches as
+    `tuner` (an OverlapTuner fed this engine's own step times) finds faster for its size.
 
     `on_stale_placement`, when set, is asked for a newer client after a worker refused a step
     as FAILED_PRECONDITION (its placement version is gone); the step is then redone on it.
@@ -58,6 +64,7 @@ class EPEngine:
         self.stats = EngineStats()
         self.plan = plan if plan is not None else OverlapSettings()
         self.tracer = tracer
+        self.tuner = OverlapTuner()
         self.last_forward: ForwardStats | None = None
         self.plan_version_in_use: int | None = None
         self.on_stale_placement: Callable[[], Awaitable[ExpertClient | None]] | None = None
@@ -126,12 +133,27 @@ class EPEngine:
         version = int(getattr(plan, "version", 0))
         if version != self.plan_version_in_use:
             log.info("overlap_plan_in_use", version=version, micro_batches=plan.micro_batches,
-                     split_policy=plan.split_policy, min_batch_tokens=plan.min_batch_tokens)
+                     split_policy=plan.split_policy, min_batch_tokens=plan.min_batch_tokens,
+                     fixed=bool(getattr(plan, "fixed", False)))
             self.plan_version_in_use = version
             PLAN_VERSION.set(version)
         step_id = client.new_step() if step_id is None else step_id
+        phase = "decode" if batch.is_decode else "prefill"
+        tuned = wants_split(batch.num_tokens, plan) and not getattr(plan, "fixed", False)
+        run_plan = plan
+        if tuned:
+            self.tuner.reset_for(version)
+            if self.tuner.choose(phase, batch.num_tokens) == 1:
+                run_plan = OverlapSettings(micro_batches=1, split_policy=plan.split_policy,
+                                           min_batch_tokens=plan.min_batch_tokens,
+                                           version=version)
+                TUNED_SINGLE_STEPS.inc()
         logits, self.last_forward = await OverlappedStep(
-            self.model, client, input_ids, batch, caches, step_id, self.tracer).run(plan, micro_batch)
+            self.model, client, input_ids, batch, caches, step_id, self.tracer).run(
+                run_plan, micro_batch)
+        if tuned:
+            self.tuner.record(phase, batch.num_tokens, self.last_forward.micro_batches,
+                              self.last_forward.wall_s)
         FORWARD_SECONDS.observe(time.perf_counter() - t0)
         COMPUTE_SECONDS.inc(self.last_forward.compute_s)
         if self.last_forward.micro_batches > 1:

@@ -13,7 +13,9 @@ Policies (the scheduler's OverlapPlan.split_policy):
   (the same for every token) plus core attention proportional to the token's context length,
   plus, in the expanded (prefill) path, the re-expansion of a split prompt's first part.
 - "even_tokens": the cut at T // 2.
-Below `min_batch_tokens` tokens (or with one token) the step runs as one micro-batch.
+Below `min_batch_tokens` tokens (or with one token) the step runs as one micro-batch. Above it,
+unless the plan is `fixed`, the engine's OverlapTuner (overlap_tuner.py) may still run a step as
+one micro-batch, where its measurements say splitting a step of that size does not pay.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class OverlapSettings:
     split_policy: str = "balanced_attention"
     min_batch_tokens: int = 16
     version: int = 0
+    fixed: bool = False  # see OverlapPlan.fixed: False lets the engine's OverlapTuner decide
 
     def __post_init__(self) -> None:
         check_plan_fields(self)

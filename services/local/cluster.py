@@ -65,6 +65,7 @@ class ClusterSpec:
     micro_batches: int | None = None
     split_policy: str | None = None
     min_batch_tokens: int | None = None
+    fixed_split: bool = False
     trace_dir: str = ""  # Chrome traces of every prefill/decode instance
     link_latency_ms: float | None = None  # a link proxy in front of each expert worker
     link_bandwidth_mbps: float | None = None
@@ -123,7 +124,7 @@ class ClusterSpec:
                             ("--min-batch-tokens", self.min_batch_tokens)):
             if value is not None:
                 args += [flag, str(value)]
-        return args
+        return args + (["--fixed-split"] if self.fixed_split else [])
 
 
 def proxy_host(host: str) -> str:

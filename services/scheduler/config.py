@@ -30,6 +30,9 @@ class SchedulerConfig(ServiceConfig):
     split_policy: str = field(default="balanced_attention", metadata={
         "help": "micro-batch split: " + " | ".join(SPLIT_POLICIES)})
     min_batch_tokens: int = field(default=16, metadata={"help": "below this, overlap is off"})
+    fixed_split: bool = field(default=False, metadata={
+        "help": "split every step micro-batches / min-batch-tokens allow, instead of letting "
+                "each instance measure whether two micro-batches pay"})
     # live expert rebalancing (EPLB); off unless a threshold or a period is given
     rebalance_threshold: float = field(default=0.0, metadata={
         "help": "re-plan when the placement's balancedness (mean/max worker load) on the load "

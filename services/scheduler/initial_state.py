@@ -24,7 +24,8 @@ def initial_placement(cfg: SchedulerConfig, model_cfg: ModelConfig) -> Placement
 def initial_plan(cfg: SchedulerConfig) -> control_pb2.OverlapPlan:
     return control_pb2.OverlapPlan(version=FIRST_VERSION, micro_batches=cfg.micro_batches,
                                    split_policy=cfg.split_policy,
-                                   min_batch_tokens=cfg.min_batch_tokens)
+                                   min_batch_tokens=cfg.min_batch_tokens,
+                                   fixed=cfg.fixed_split)
 
 
 def check_plan(plan: control_pb2.OverlapPlan) -> None:

@@ -1,6 +1,7 @@
 """Two-micro-batch overlap over real expert-worker processes: outputs never change.
 
-Master invariant: with overlap on (both split policies) the EP engine returns what it returns
+Master invariant: with overlap on (both split policies, and tuned: each step one or two
+micro-batches as the engine's OverlapTuner finds faster) the EP engine returns what it returns
 with overlap off and what the reference engine returns, for odd batch sizes, batch size 1 (a
 prompt split between the micro-batches), requests leaving at different steps, and requests
 joining mid-stream (their prefill in the same step as the others' decode). A plan changed
@@ -26,6 +27,7 @@ from services.engine.ep_client import ExpertClient
 from services.engine.ep_engine import EPEngine
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.microbatch import OverlapSettings
+from services.engine.overlap_tuner import OverlapTuner
 from services.engine.reference import GenerationLoop, GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams, sample_token
 from services.engine.sequence import Sequence
@@ -42,8 +44,10 @@ pytestmark = pytest.mark.timeout(240)
 
 OFF = OverlapSettings(micro_batches=1, version=1)
 BALANCED = OverlapSettings(micro_batches=2, split_policy="balanced_attention", min_batch_tokens=0,
-                           version=2)
-EVEN = OverlapSettings(micro_batches=2, split_policy="even_tokens", min_batch_tokens=0, version=3)
+                           version=2, fixed=True)
+EVEN = OverlapSettings(micro_batches=2, split_policy="even_tokens", min_batch_tokens=0, version=3,
+                       fixed=True)
+TUNED = OverlapSettings(micro_batches=2, min_batch_tokens=0, version=4)  # the tuner decides
 
 # (prompt lengths, max_tokens per request): odd batch, batch of one, three uneven prompts
 WORKLOADS = {
@@ -96,7 +100,8 @@ def test_overlap_on_equals_off_and_reference(setup, workload):
         client = await ExpertClient.connect(setup["endpoints"])
         try:
             engine = EPEngine(setup["attn"], client, record_logits=True)
-            return {p.version: await _generate(engine, reqs, p) for p in (OFF, BALANCED, EVEN)}
+            return {p.version: await _generate(engine, reqs, p)
+                    for p in (OFF, BALANCED, EVEN, TUNED)}
         finally:
             await client.close()
 
@@ -118,6 +123,45 @@ def test_overlap_on_equals_off_and_reference(setup, workload):
             assert 2 in decode_splits
         assert all(s.plan_version == plan.version for s in stats)
     assert all(s.micro_batches == 1 for s in runs[OFF.version][1])
+    tuned, _ = runs[TUNED.version]
+    _check(want, tuned)
+
+
+def _seed_tuner(engine: EPEngine, slower: int, version: int) -> None:
+    """Tell the engine's tuner, for every step size, that `slower` micro-batches cost a minute
+    per token: far beyond what real steps can pull the average back from in one test."""
+    engine.tuner.reset_for(version)
+    for phase in ("prefill", "decode"):
+        for bucket in range(12):
+            for _ in range(engine.tuner.warmup):
+                engine.tuner.record(phase, 2 ** bucket, slower, 60.0)
+                engine.tuner.record(phase, 2 ** bucket, 3 - slower, 1e-6)
+
+
+@pytest.mark.parametrize("slower", [1, 2])
+def test_the_tuner_picks_the_way_it_measured_faster(setup, slower):
+    """With measurements saying `slower` micro-batches lose, every step the plan would split
+    runs the other way, except the tuner's periodic exploration steps, and outputs equal the
+    reference either way."""
+    lens, max_tokens = WORKLOADS["odd5"]
+    reqs = make_requests(setup["cfg"].vocab_size, lens, max_tokens)
+    want = ReferenceEngine(setup["full"], record_logits=True).generate(reqs)
+
+    async def run():
+        client = await ExpertClient.connect(setup["endpoints"])
+        try:
+            engine = EPEngine(setup["attn"], client, record_logits=True)
+            _seed_tuner(engine, slower, TUNED.version)
+            return await _generate(engine, reqs, TUNED)
+        finally:
+            await client.close()
+
+    got, stats = asyncio.run(run())
+    _check(want, got)
+    splittable = [s for s in stats if s.tokens >= 2]
+    assert len(splittable) >= 5
+    assert len(stats) < OverlapTuner().explore_every  # too short a run for an exploration step
+    assert [s.micro_batches for s in splittable] == [3 - slower] * len(splittable)
 
 
 class Staggered:

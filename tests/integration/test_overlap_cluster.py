@@ -30,6 +30,7 @@ def test_cluster_spec_overlap_and_link_flags(tiny_model_dir):
     assert spec.scheduler_plan_args() == ["--micro-batches", "2", "--split-policy", "even_tokens",
                                           "--min-batch-tokens", "0"]
     assert spec.shaped_links and not ClusterSpec(model="m").shaped_links
+    assert ClusterSpec(model="m", fixed_split=True).scheduler_plan_args() == ["--fixed-split"]
     assert proxy_host("127.0.0.1") == "127.0.0.2" and proxy_host("localhost") == "127.0.0.2"
     with pytest.raises(ValueError, match="loopback"):
         ClusterSpec(model="m", host="10.0.0.5", link_latency_ms=1.0)
@@ -43,8 +44,9 @@ def test_cluster_spec_overlap_and_link_flags(tiny_model_dir):
     add_cluster_args(p)
     args = p.parse_args(["--model", str(tiny_model_dir), "--micro-batches", "2",
                          "--link-latency-ms", "1.5", "--link-bandwidth-mbps", "100",
-                         "--trace-dir", "traces"])
+                         "--trace-dir", "traces", "--fixed-split"])
     spec = spec_from(args)
+    assert spec.fixed_split
     assert (spec.micro_batches, spec.link_latency_ms, spec.link_bandwidth_mbps) == (2, 1.5, 100.0)
     assert spec.trace_dir.endswith("traces") and spec.split_policy is None
 
@@ -62,7 +64,7 @@ def test_epserve_up_with_link_proxies_plan_and_traces(tiny_model_dir, tmp_path):
     from tests.integration.cluster_helpers import reference, run_remote, start, workload
 
     spec = ClusterSpec(model=str(tiny_model_dir), expert_workers=2, micro_batches=2,
-                       min_batch_tokens=0, trace_dir=str(tmp_path / "traces"),
+                       min_batch_tokens=0, fixed_split=True, trace_dir=str(tmp_path / "traces"),
                        link_latency_ms=1.0)
     reqs = [r for r in workload(ModelConfig.from_dir(tiny_model_dir).vocab_size, seed=9)
             if r.params.greedy]

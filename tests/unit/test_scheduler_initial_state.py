@@ -75,8 +75,9 @@ def test_model_without_moe_layers_cannot_be_placed():
 
 def test_initial_plan_takes_the_flags():
     plan = initial_plan(sched(micro_batches=2, split_policy="even_tokens", min_batch_tokens=7))
-    assert (plan.version, plan.micro_batches, plan.split_policy, plan.min_batch_tokens) == (
-        1, 2, "even_tokens", 7)
+    assert (plan.version, plan.micro_batches, plan.split_policy, plan.min_batch_tokens,
+            plan.fixed) == (1, 2, "even_tokens", 7, False)
+    assert initial_plan(sched(micro_batches=2, fixed_split=True)).fixed
     check_plan(plan)
 
 

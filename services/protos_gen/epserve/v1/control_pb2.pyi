@@ -168,16 +168,18 @@ class ExpertLoadReport(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., placement_version: _Optional[int] = ..., window_start: _Optional[float] = ..., window_end: _Optional[float] = ..., layer_ids: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., num_logical_experts: _Optional[int] = ..., logical_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OverlapPlan(_message.Message):
-    __slots__ = ("version", "micro_batches", "split_policy", "min_batch_tokens")
+    __slots__ = ("version", "micro_batches", "split_policy", "min_batch_tokens", "fixed")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     SPLIT_POLICY_FIELD_NUMBER: _ClassVar[int]
     MIN_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIXED_FIELD_NUMBER: _ClassVar[int]
     version: int
     micro_batches: int
     split_policy: str
     min_batch_tokens: int
-    def __init__(self, version: _Optional[int] = ..., micro_batches: _Optional[int] = ..., split_policy: _Optional[str] = ..., min_batch_tokens: _Optional[int] = ...) -> None: ...
+    fixed: bool
+    def __init__(self, version: _Optional[int] = ..., micro_batches: _Optional[int] = ..., split_policy: _Optional[str] = ..., min_batch_tokens: _Optional[int] = ..., fixed: _Optional[bool] = ...) -> None: ...
 
 class PrefixCacheKeys(_message.Message):
     __slots__ = ("instance_id", "model_fingerprint", "key_prefixes", "sent_at", "kv_layout")
