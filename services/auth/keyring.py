@@ -81,7 +81,7 @@ class KeyRing:
         except (ValueError, TypeError, KeyError) as exc:
             log.error("api_key_record_unreadable", key_id=key_id, error=str(exc))
             return None
-        self.records = {**self.records, key_id: record}
+        self.records[key_id] = record
         return record
 
     async def _refresh_forever(self) -> None:

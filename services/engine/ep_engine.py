@@ -134,12 +134,12 @@ class EPEngine:
         if version != self.plan_version_in_use:
             log.info("overlap_plan_in_use", version=version, micro_batches=plan.micro_batches,
                      split_policy=plan.split_policy, min_batch_tokens=plan.min_batch_tokens,
-                     fixed=bool(getattr(plan, "fixed", False)))
+                     fixed=plan.fixed)
             self.plan_version_in_use = version
             PLAN_VERSION.set(version)
         step_id = client.new_step() if step_id is None else step_id
         phase = "decode" if batch.is_decode else "prefill"
-        tuned = wants_split(batch.num_tokens, plan) and not getattr(plan, "fixed", False)
+        tuned = wants_split(batch.num_tokens, plan) and not plan.fixed
         run_plan = plan
         if tuned:
             self.tuner.reset_for(version)

@@ -90,22 +90,28 @@ async def _generate(engine: EPEngine, reqs, plan):
     return loop.completions(), stats
 
 
+def _with_engine(setup, body):
+    """body(engine) on an EPEngine over the module's expert workers, its client closed after."""
+    async def run():
+        client = await ExpertClient.connect(setup["endpoints"])
+        try:
+            return await body(EPEngine(setup["attn"], client, record_logits=True))
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_overlap_on_equals_off_and_reference(setup, workload):
     lens, max_tokens = WORKLOADS[workload]
     reqs = make_requests(setup["cfg"].vocab_size, lens, max_tokens)
     want = ReferenceEngine(setup["full"], record_logits=True).generate(reqs)
 
-    async def run():
-        client = await ExpertClient.connect(setup["endpoints"])
-        try:
-            engine = EPEngine(setup["attn"], client, record_logits=True)
-            return {p.version: await _generate(engine, reqs, p)
-                    for p in (OFF, BALANCED, EVEN, TUNED)}
-        finally:
-            await client.close()
+    async def every_plan(engine):
+        return {p.version: await _generate(engine, reqs, p) for p in (OFF, BALANCED, EVEN, TUNED)}
 
-    runs = asyncio.run(run())
+    runs = _with_engine(setup, every_plan)
     off, _ = runs[OFF.version]
     print(f"{workload}: overlap off vs reference")
     _check(want, off)
@@ -141,22 +147,17 @@ def _seed_tuner(engine: EPEngine, slower: int, version: int) -> None:
 @pytest.mark.parametrize("slower", [1, 2])
 def test_the_tuner_picks_the_way_it_measured_faster(setup, slower):
     """With measurements saying `slower` micro-batches lose, every step the plan would split
-    runs the other way, except the tuner's periodic exploration steps, and outputs equal the
+    runs the other way (the run is too short for an exploration step), and outputs equal the
     reference either way."""
     lens, max_tokens = WORKLOADS["odd5"]
     reqs = make_requests(setup["cfg"].vocab_size, lens, max_tokens)
     want = ReferenceEngine(setup["full"], record_logits=True).generate(reqs)
 
-    async def run():
-        client = await ExpertClient.connect(setup["endpoints"])
-        try:
-            engine = EPEngine(setup["attn"], client, record_logits=True)
-            _seed_tuner(engine, slower, TUNED.version)
-            return await _generate(engine, reqs, TUNED)
-        finally:
-            await client.close()
+    async def seeded(engine):
+        _seed_tuner(engine, slower, TUNED.version)
+        return await _generate(engine, reqs, TUNED)
 
-    got, stats = asyncio.run(run())
+    got, stats = _with_engine(setup, seeded)
     _check(want, got)
     splittable = [s for s in stats if s.tokens >= 2]
     assert len(splittable) >= 5
