@@ -45,6 +45,10 @@ class AttentionService(Service):
     def build_core(self) -> None:
         """Build `self.core` around `self.engine.forward`."""
 
+    def loads_mtp(self) -> bool:
+        """Whether this instance drafts with the checkpoint's MTP layer (decode's choice)."""
+        return False
+
     def load(self) -> control_pb2.InstanceLoad:
         return self.core.load().to_proto()
 
@@ -59,7 +63,7 @@ class AttentionService(Service):
         cfg = self.cfg
         js = self.nc.jetstream()
         model = load_model(cfg.model, experts=no_experts(self.model_cfg), dtype=cfg.dtype,
-                           device=cfg.device)
+                           device=cfg.device, mtp=self.loads_mtp())
         if cfg.trace:
             self.tracer = ChromeTrace(cfg.trace, f"{self.role} {self.instance_id}",
                                       cfg.trace_max_events)

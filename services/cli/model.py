@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer-size", type=int, default=None,
                    help="ids the tokenizer knows, fewer than vocab_size as in DeepSeek-V3 "
                         "(default: vocab_size)")
+    p.add_argument("--mtp", action="store_true",
+                   help="add V3's multi-token-prediction layer (num_nextn_predict_layers 1), "
+                        "the draft for `--speculative mtp`")
     p.set_defaults(func=_run)
 
 
@@ -35,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         out = make_model(args.preset, args.out, seed=args.seed, max_shard_bytes=shard,
                          fp8_block=args.fp8_block if args.fp8 else None,
-                         tokenizer_size=args.tokenizer_size)
+                         tokenizer_size=args.tokenizer_size, mtp=args.mtp)
     except ValueError as exc:  # a tokenizer size the preset cannot take
         raise CliError(str(exc)) from exc
     print(f"wrote {args.preset} checkpoint to {out}")

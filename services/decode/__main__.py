@@ -10,17 +10,25 @@ from services.decode.config import DecodeConfig
 from services.decode.core import DecodeCore
 from services.decode.server import DecodeServicer
 from services.engine.kv_cache import LatentKVCache
+from services.engine.mtp_drafter import MTPDrafter
+from services.engine.speculative import Speculation
 from services.protos_gen.epserve.v1 import control_pb2, serving_pb2_grpc
 
 
 class DecodeService(AttentionService):
     role = "decode"
 
+    def loads_mtp(self) -> bool:
+        return self.cfg.speculative == "mtp"
+
     def build_core(self) -> None:
         cfg, mc = self.cfg, self.model_cfg
+        mtp = self.loads_mtp()
         cache = LatentKVCache(mc.num_hidden_layers, mc.latent_dim, cfg.kv_blocks, cfg.block_size,
-                              self.dtype, cfg.device)
-        self.core = DecodeCore(mc, self.engine.forward, cache, cfg.max_batch, cfg.admission_wait_s)
+                              self.dtype, cfg.device, draft_layers=1 if mtp else 0)
+        speculation = Speculation(MTPDrafter(self.engine.model, cache)) if mtp else None
+        self.core = DecodeCore(mc, self.engine.forward, cache, cfg.max_batch, cfg.admission_wait_s,
+                               speculation, self.engine.forward_tokens)
 
     def add_servicers(self, server) -> None:
         serving_pb2_grpc.add_DecodeServicer_to_server(

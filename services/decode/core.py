@@ -20,13 +20,18 @@ from services.common.load import InstanceLoad
 from services.decode import metrics
 from services.engine.kv_budget import KVBudget, NeverFits
 from services.engine.kv_cache import LatentKVCache, SeqChunk
+from services.engine.overlap import compute_executor
 from services.engine.sampling import SamplingParams, TokenLogprobs
 from services.engine.sequence import Sequence
+from services.engine.speculative import Speculation
 from services.model.config import ModelConfig
 
 log = structlog.get_logger("decode")
 
 Forward = Callable[[torch.Tensor, object, list[torch.Tensor]], Awaitable[torch.Tensor]]
+# every token's (logits, hidden): speculative decoding's verification step
+ForwardTokens = Callable[[torch.Tensor, object, list[torch.Tensor]],
+                         Awaitable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 class Rejected(StatusError):
@@ -49,8 +54,15 @@ class DecodeSlot:
 
 class DecodeCore:
     def __init__(self, cfg: ModelConfig, forward: Forward, cache: LatentKVCache,
-                 max_batch: int = 64, admission_wait_s: float = 30.0) -> None:
+                 max_batch: int = 64, admission_wait_s: float = 30.0,
+                 speculation: Speculation | None = None,
+                 forward_tokens: ForwardTokens | None = None) -> None:
+        """speculation (with forward_tokens): speculative decoding, each step verifying the
+        drafts of the last (services/engine/speculative.py); the output is unchanged."""
+        if speculation is not None and forward_tokens is None:
+            raise ValueError("speculative decoding needs forward_tokens")
         self.cfg, self.forward, self.cache = cfg, forward, cache
+        self.speculation, self.forward_tokens = speculation, forward_tokens
         self.budget = KVBudget(cache.allocator.num_blocks, cache.allocator.block_size)
         self.max_batch, self.admission_wait_s = max_batch, admission_wait_s
         self.slots: dict[str, DecodeSlot] = {}
@@ -144,8 +156,12 @@ class DecodeCore:
             await asyncio.sleep(0)  # let new arrivals and stream writers run between steps
 
     async def _step(self, batch_slots: list[DecodeSlot]) -> None:
-        chunks = [SeqChunk(s.request_id, s.seq.cache_len, 1) for s in batch_slots]
-        batch = self.cache.batch(chunks)
+        if self.speculation is not None:
+            plan = self.speculation.plan([s.seq for s in batch_slots])
+            batch = (plan, self.cache.batch(plan.chunks, speculative=True))
+        else:
+            batch = self.cache.batch([SeqChunk(s.request_id, s.seq.cache_len, 1)
+                                      for s in batch_slots])
         # This step will write KV into these sequences' blocks: a sequence cancelled while it
         # runs keeps its blocks (and its reservation) until the step is over, or the blocks
         # could already belong to a request installed meanwhile.
@@ -159,14 +175,39 @@ class DecodeCore:
             self._deferred_free.clear()
 
     async def _run_step(self, batch_slots: list[DecodeSlot], batch) -> None:
-        ids = torch.tensor([s.seq.output_ids[-1] for s in batch_slots], dtype=torch.long)
         metrics.BATCH.observe(len(batch_slots))
+        if self.speculation is not None:
+            await self._run_speculative_step(batch_slots, batch)
+            return
+        ids = torch.tensor([s.seq.output_ids[-1] for s in batch_slots], dtype=torch.long)
         logits = (await self.forward(ids, batch, self.cache.layers)).float().cpu()
         self.steps += 1
         self.last_batch = len(batch_slots)
         for slot, row in zip(batch_slots, logits, strict=True):
             if slot.request_id in self.slots and not slot.seq.finished:
                 self._append(slot, *slot.seq.sample(row))
+
+    async def _run_speculative_step(self, batch_slots: list[DecodeSlot], planned) -> None:
+        plan, batch = planned
+        logits, hidden = await self.forward_tokens(plan.input_ids, batch, self.cache.layers)
+        self.steps += 1
+        self.last_batch = len(batch_slots)
+        slots = {s.request_id: s for s in batch_slots}
+
+        def append(seq: Sequence, token: int, logprobs, _row) -> bool:
+            slot = slots[seq.request_id]
+            if slot.request_id not in self.slots or seq.finished:
+                return False  # cancelled while the step ran
+            self._append(slot, token, logprobs)
+            return True
+
+        stats = self.speculation.stats
+        proposed, accepted = stats.proposed[0], stats.accepted[0]
+        inputs = self.speculation.settle(plan, logits.float().cpu(), hidden, append)
+        metrics.DRAFT_TOKENS.labels(position="1").inc(stats.proposed[0] - proposed)
+        metrics.ACCEPTED_TOKENS.labels(position="1").inc(stats.accepted[0] - accepted)
+        await asyncio.get_running_loop().run_in_executor(compute_executor(),
+                                                         self.speculation.draft, inputs)
 
     def _append(self, slot: DecodeSlot, token: int, logprobs: TokenLogprobs | None = None
                 ) -> None:
@@ -192,6 +233,8 @@ class DecodeCore:
 
     def _free(self, request_id: str) -> None:
         self.cache.free(request_id)
+        if self.speculation is not None:
+            self.speculation.forget(request_id)
         self.budget.release(request_id)
         asyncio.get_running_loop().create_task(self._notify_room())
 

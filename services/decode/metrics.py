@@ -13,3 +13,7 @@ TPOT = Histogram("epserve_decode_tpot_seconds", "time per output token per reque
 KV_TRANSFERS = Counter("epserve_decode_kv_transfers_total", "KV transfers by outcome", ["outcome"])
 KV_BYTES = Counter("epserve_decode_kv_bytes_total", "latent-KV bytes received")
 WAITING = Gauge("epserve_decode_waiting_requests", "requests waiting for KV room (queue depth)")
+DRAFT_TOKENS = Counter("epserve_decode_spec_draft_tokens_total",
+                       "speculative draft tokens verified, by draft position", ["position"])
+ACCEPTED_TOKENS = Counter("epserve_decode_spec_accepted_tokens_total",
+                          "speculative draft tokens accepted, by draft position", ["position"])

@@ -19,7 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.engine.ep_client import EPError, ExpertClient
 from services.engine.microbatch import OverlapSettings, wants_split
-from services.engine.overlap import ForwardStats, OverlappedStep
+from services.engine.overlap import ForwardStats, OverlappedStep, compute_executor
 from services.engine.overlap_tuner import OverlapTuner
 from services.engine.reference import Completion, EngineStats, GenerationLoop, GenerationRequest
 from services.engine.trace import ChromeTrace
@@ -90,9 +90,17 @@ class EPEngine:
     async def forward(self, input_ids: torch.Tensor, batch: AttentionBatch,
                       caches: list[torch.Tensor], micro_batch: int = 0,
                       step_id: int | None = None) -> torch.Tensor:
-        """One step over the batch: logits [B, V] of each sequence's last token.
+        """One step over the batch: logits [B, V] of each sequence's last token."""
+        return await self._forward(input_ids, batch, caches, micro_batch, step_id, False)
 
-        A step that failed because an expert worker died or stalled is redone (the client now
+    async def forward_tokens(self, input_ids: torch.Tensor, batch: AttentionBatch,
+                             caches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: every token's logits [T, V] and final-normed hidden [T, H] (speculative
+        decoding's verification step)."""
+        return await self._forward(input_ids, batch, caches, 0, None, True)
+
+    async def _forward(self, input_ids, batch, caches, micro_batch, step_id, all_tokens):
+        """A step that failed because an expert worker died or stalled is redone (the client now
         routes around that worker), for up to `redo_window_s`; when an expert has no live
         replica the redo waits for a worker to come back or a new topology. Redoing is safe:
         a step rewrites the same KV positions with the same values."""
@@ -104,7 +112,8 @@ class EPEngine:
         give_up = loop.time() + self.redo_window_s
         while True:
             try:
-                return await self._step(input_ids, batch, caches, micro_batch, step_id)
+                return await self._step(input_ids, batch, caches, micro_batch, step_id,
+                                        all_tokens)
             except EPError as exc:
                 step_id = None  # a redone step gets a fresh id
                 left = give_up - loop.time()
@@ -127,7 +136,7 @@ class EPEngine:
                 if self._next_client is not None:
                     await self._adopt_next_client()
 
-    async def _step(self, input_ids, batch, caches, micro_batch, step_id) -> torch.Tensor:
+    async def _step(self, input_ids, batch, caches, micro_batch, step_id, all_tokens):
         t0 = time.perf_counter()
         plan, client = self.plan, self.client  # read once: changes apply from the next step
         version = int(getattr(plan, "version", 0))
@@ -149,7 +158,7 @@ class EPEngine:
                                            version=version)
                 TUNED_SINGLE_STEPS.inc()
         logits, self.last_forward = await OverlappedStep(
-            self.model, client, input_ids, batch, caches, step_id, self.tracer).run(
+            self.model, client, input_ids, batch, caches, step_id, self.tracer, all_tokens).run(
                 run_plan, micro_batch)
         if tuned:
             self.tuner.record(phase, batch.num_tokens, self.last_forward.micro_batches,
@@ -169,11 +178,17 @@ class EPEngine:
                 await client.close()
         self.client = self._next_client = None
 
-    async def generate(self, requests: list[GenerationRequest], tokenizer=None
+    async def generate(self, requests: list[GenerationRequest], tokenizer=None, drafter=None
                        ) -> list[Completion]:
-        """As ReferenceEngine.generate (a tokenizer gives completions' text and stop strings)."""
+        """As ReferenceEngine.generate (a tokenizer gives completions' text and stop strings;
+        drafter: speculative decoding, as ReferenceEngine's). The draft runs on the compute
+        thread."""
         loop = GenerationLoop(self.cfg, requests, self.block_size, self.model.dtype,
-                              self.model.device, self.record_logits, self.stats, tokenizer)
+                              self.model.device, self.record_logits, self.stats, tokenizer,
+                              drafter)
         while (step := loop.next_step()) is not None:
-            loop.consume(step, await self.forward(step.input_ids, step.batch, loop.cache.layers))
+            forward = self.forward_tokens if loop.wants_hidden else self.forward
+            output = await forward(step.input_ids, step.batch, loop.cache.layers)
+            await asyncio.get_running_loop().run_in_executor(compute_executor(), loop.consume,
+                                                             step, output)
         return loop.completions()

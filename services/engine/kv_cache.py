@@ -73,32 +73,40 @@ class SeqChunk:
     seq_id: str
     past: int  # tokens already in the cache
     new: int  # tokens this step adds
+    # the first position the new tokens attend to (the MTP draft layer's cache starts where
+    # the sequence's decoding did, see services/engine/speculative.py)
+    context_from: int = 0
 
 
 class LatentKVCache:
-    def __init__(self, num_layers: int, latent_dim: int, num_blocks: int, block_size: int = 64,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
-        self.allocator = BlockAllocator(num_blocks, block_size)
-        self.layers = [
-            torch.zeros(num_blocks * block_size, latent_dim, dtype=dtype, device=device)
-            for _ in range(num_layers)
-        ]
+    """`layers`: the model's latent KV, one tensor per decoder layer; `draft_layers`: the
+    speculative draft's (the MTP layer's), in the same slots, so one block table serves both
+    and the draft's KV is freed with the sequence."""
 
-    def batch(self, chunks: list[SeqChunk]) -> AttentionBatch:
+    def __init__(self, num_layers: int, latent_dim: int, num_blocks: int, block_size: int = 64,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 draft_layers: int = 0) -> None:
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.layers, self.draft_layers = [[
+            torch.zeros(num_blocks * block_size, latent_dim, dtype=dtype, device=device)
+            for _ in range(n)] for n in (num_layers, draft_layers)]
+
+    def batch(self, chunks: list[SeqChunk], speculative: bool = False) -> AttentionBatch:
         """Reserve room for each chunk's new tokens and describe where everything lives."""
         for c in chunks:
             self.allocator.grow(c.seq_id, c.past + c.new)
         positions, write, ctx = [], [], []
         for c in chunks:
             positions.extend(range(c.past, c.past + c.new))
-            slots = self.allocator.slots(c.seq_id, 0, c.past + c.new)
-            write.extend(slots[c.past :])
+            slots = self.allocator.slots(c.seq_id, c.context_from, c.past + c.new)
+            write.extend(slots[c.past - c.context_from:])
             ctx.append(torch.tensor(slots, dtype=torch.long))
         return AttentionBatch(
             positions=torch.tensor(positions, dtype=torch.long),
             query_lens=tuple(c.new for c in chunks),
             context_slots=tuple(ctx),
             write_slots=torch.tensor(write, dtype=torch.long),
+            speculative=speculative,
         )
 
     def read(self, seq_id: str, length: int) -> torch.Tensor:

@@ -162,7 +162,8 @@ def token_range_batch(batch: AttentionBatch, lo: int, hi: int) -> AttentionBatch
         last_pos = int(batch.positions[b - 1])
         ctx.append(batch.context_slots[i][: last_pos + 1])
     return AttentionBatch(positions=batch.positions[lo:hi], query_lens=tuple(qlens),
-                          context_slots=tuple(ctx), write_slots=batch.write_slots[lo:hi])
+                          context_slots=tuple(ctx), write_slots=batch.write_slots[lo:hi],
+                          speculative=batch.speculative)
 
 
 @dataclass(frozen=True)

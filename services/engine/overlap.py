@@ -140,7 +140,11 @@ class OverlappedStep:
     trace still shows every op, timed inside the hop."""
 
     def __init__(self, model, client, input_ids: torch.Tensor, batch: AttentionBatch,
-                 caches, step_id: int, tracer: ChromeTrace | None = None) -> None:
+                 caches, step_id: int, tracer: ChromeTrace | None = None,
+                 all_tokens: bool = False) -> None:
+        """all_tokens: run() returns every token's (logits, final-normed hidden), as a
+        speculative step needs, instead of each sequence's last logits."""
+        self.all_tokens = all_tokens
         self.model, self.client, self.input_ids, self.batch = model, client, input_ids, batch
         self.caches, self.step_id, self.tracer = caches, step_id, tracer
         self.compute_s = 0.0
@@ -242,9 +246,9 @@ class OverlappedStep:
         ends = torch.tensor(self.batch.query_lens).cumsum(0).tolist()
         return self.cut not in ends
 
-    async def run(self, plan, micro_batch: int = 0) -> tuple[torch.Tensor, ForwardStats]:
-        """logits [B, V] of each sequence's last token, and how the step went (the step's
-        span goes to the tracer)."""
+    async def run(self, plan, micro_batch: int = 0) -> tuple[object, ForwardStats]:
+        """logits [B, V] of each sequence's last token (all_tokens: (logits [T, V], hidden
+        [T, H])), and how the step went (the step's span goes to the tracer)."""
         t0 = time.perf_counter()
         self.cut = plan_cut(self.batch, plan, self.model.cfg)
         self.parts = micro_batches(self.batch, self.cut)
@@ -252,7 +256,8 @@ class OverlappedStep:
         runs = [self._run(mb, micro_batch if len(self.parts) == 1 else mb.index)
                 for mb in self.parts]
         hs = await _all_or_first_error(runs)
-        logits = await self._hop(-1, _logits_op, self.model, hs, self.batch.last_token_indices())
+        last = None if self.all_tokens else self.batch.last_token_indices()
+        logits = await self._hop(-1, _logits_op, self.model, hs, last)
         t1 = time.perf_counter()
         stats = ForwardStats(self.step_id, "decode" if self.decode else "prefill",
                              self.batch.num_tokens, len(self.parts), self.cut,
@@ -292,9 +297,10 @@ def _shared_op(clock: _Clock, layer_id: int, layer, x):
 
 
 def _logits_op(clock: _Clock, model, hs, last):
+    """Each sequence's last logits, or with last=None every token's logits and hidden."""
     def logits():
         h = hs[0] if len(hs) == 1 else torch.cat(hs)
-        return model.logits(h[last.to(h.device)])
+        return model.logits_and_hidden(h) if last is None else model.logits(h[last.to(h.device)])
 
     return clock("LOGITS", -1, logits)
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from services.engine.kv_cache import LatentKVCache, SeqChunk
+from services.engine.mtp_drafter import MTPDrafter
 from services.engine.sampling import SamplingParams, TokenLogprobs
 from services.engine.sequence import Sequence
+from services.engine.speculative import DraftStats, Speculation, VerifyPlan
 from services.engine.stop_strings import StopText
 from services.model.batch import AttentionBatch
 from services.model.config import ModelConfig
@@ -48,6 +50,7 @@ class EngineStats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     decode_steps: int = 0
+    drafts: DraftStats | None = None  # with speculative decoding
 
     @property
     def prefill_tok_s(self) -> float:
@@ -96,7 +99,9 @@ class Step:
 class GenerationLoop:
     def __init__(self, cfg: ModelConfig, requests: list[GenerationRequest], block_size: int,
                  dtype: torch.dtype, device: torch.device | str, record_logits: bool,
-                 stats: EngineStats, tokenizer=None) -> None:
+                 stats: EngineStats, tokenizer=None, drafter=None) -> None:
+        """drafter: a function of the cache that returns a Drafter (speculative decoding:
+        services/engine/speculative.py), or None."""
         for r in requests:
             validate_request(cfg, r)
             if r.params.stop and tokenizer is None:
@@ -110,7 +115,11 @@ class GenerationLoop:
         blocks = sum(-(-min(len(s.prompt_ids) + s.params.max_tokens, s.max_context) // block_size)
                      for s in self.seqs)
         self.cache = LatentKVCache(cfg.num_hidden_layers, cfg.latent_dim, blocks, block_size,
-                                   dtype, device)
+                                   dtype, device, draft_layers=1 if drafter else 0)
+        if drafter is not None and stats.drafts is None:
+            stats.drafts = DraftStats()
+        self.speculation = Speculation(drafter(self.cache), stats.drafts) if drafter else None
+        self._plan: VerifyPlan | None = None
         self._running: list[Sequence] = []
         self._prefilled = False
         self._t0 = 0.0
@@ -125,28 +134,49 @@ class GenerationLoop:
         self._running = [s for s in self.seqs if not s.finished]
         if not self._running:
             return None
+        if self.speculation is not None:
+            self._plan = plan = self.speculation.plan(self._running)
+            return Step("decode", plan.input_ids, self.cache.batch(plan.chunks, speculative=True))
         chunks = [SeqChunk(s.request_id, s.cache_len, 1) for s in self._running]
         ids = [s.output_ids[-1] for s in self._running]
         return Step("decode", torch.tensor(ids, dtype=torch.long), self.cache.batch(chunks))
 
-    def consume(self, step: Step, logits: torch.Tensor) -> None:
-        logits = logits.float().cpu()
-        for s, row in zip(self._running, logits, strict=True):
-            if self.record_logits:
-                self.logits[s.request_id].append(row.clone())
-            s.append(*s.sample(row))
-            text = self.texts.get(s.request_id)
-            if text is not None and text.push(s.output_ids[-1]):
-                s.finish_reason = "stop"  # a stop string: the text ends before it
+    @property
+    def wants_hidden(self) -> bool:
+        """The step just planned needs every token's logits and hidden state (forward_tokens),
+        not only each sequence's last logits."""
+        return self._plan is not None
+
+    def consume(self, step: Step, output) -> None:
+        """output: the forward's logits [B, V], or (logits [T, V], hidden [T, H]) when
+        wants_hidden."""
+        before = sum(len(s.output_ids) for s in self._running)
+        if self._plan is not None:
+            logits, hidden = output
+            plan, self._plan = self._plan, None
+            inputs = self.speculation.settle(plan, logits.float().cpu(), hidden, self._append)
+            self.speculation.draft(inputs)
+        else:
+            for s, row in zip(self._running, output.float().cpu(), strict=True):
+                self._append(s, *s.sample(row), row)
         seconds = time.perf_counter() - self._t0
         if step.phase == "prefill":
             self._prefilled = True
             self.stats.prefill_tokens += step.input_ids.numel()
             self.stats.prefill_seconds += seconds
         else:
-            self.stats.decode_tokens += step.input_ids.numel()
+            self.stats.decode_tokens += sum(len(s.output_ids) for s in self._running) - before
             self.stats.decode_seconds += seconds
             self.stats.decode_steps += 1
+
+    def _append(self, s: Sequence, token: int, logprobs, row: torch.Tensor) -> bool:
+        if self.record_logits:
+            self.logits[s.request_id].append(row.clone())
+        s.append(token, logprobs)
+        text = self.texts.get(s.request_id)
+        if text is not None and text.push(token):
+            s.finish_reason = "stop"  # a stop string: the text ends before it
+        return True
 
     def completions(self) -> list[Completion]:
         out = []
@@ -162,8 +192,11 @@ class GenerationLoop:
 
 class ReferenceEngine:
     def __init__(self, model: DeepseekModel, block_size: int = 64, record_logits: bool = False,
-                 routed_fns=None, tokenizer=None):
+                 routed_fns=None, tokenizer=None, drafter=None):
+        """drafter: speculative decoding's draft, a function of the loop's KV cache returning
+        a Drafter (`mtp_drafter` for the model's MTP layer), or None."""
         self.model = model
+        self.drafter = drafter
         self.cfg = model.cfg
         self.block_size = block_size
         self.record_logits = record_logits
@@ -174,12 +207,17 @@ class ReferenceEngine:
     def loop(self, requests: list[GenerationRequest]) -> GenerationLoop:
         return GenerationLoop(self.cfg, requests, self.block_size, self.model.dtype,
                               self.model.device, self.record_logits, self.stats,
-                              self.tokenizer)
+                              self.tokenizer, self.drafter)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         loop = self.loop(requests)
         while (step := loop.next_step()) is not None:
-            logits = self.model(step.input_ids.to(self.model.device), step.batch,
-                                loop.cache.layers, self.routed_fns)
-            loop.consume(step, logits)
+            forward = self.model.forward_tokens if loop.wants_hidden else self.model
+            loop.consume(step, forward(step.input_ids.to(self.model.device), step.batch,
+                                       loop.cache.layers, self.routed_fns))
         return loop.completions()
+
+
+def mtp_drafter(model: DeepseekModel):
+    """The drafter argument for the model's MTP layer (the model loaded with mtp=True)."""
+    return lambda cache: MTPDrafter(model, cache)

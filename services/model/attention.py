@@ -80,7 +80,8 @@ class MLAttention(nn.Module):
         step's expanded path, so splitting a step changes no arithmetic."""
         decode = batch.is_decode if decode_step is None else decode_step
         if decode and not batch.is_decode:
-            raise ValueError("decode_step=True needs exactly one new token per sequence")
+            raise ValueError("decode_step=True needs one new token per sequence or a "
+                             "speculative batch")
         if decode and self.mode == "auto":
             out = self._absorbed(q_nope, q_pe, batch, cache)
         else:
@@ -119,7 +120,10 @@ class MLAttention(nn.Module):
             q = q_all[rows].view(G, n, h, d).transpose(1, 2)  # [G, h, n, d]
             scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * self.scale  # [G, h, n, L]
             positions = batch.positions[rows].view(G, n, 1)
-            mask = (torch.arange(L)[None, None, :] > positions).to(scores.device)  # [G, n, L]
+            # context index of each query: a context ends at its sequence's last new token
+            # and need not start at position 0 (SeqChunk.context_from)
+            at = positions - (positions[:, -1:] - (L - 1))
+            mask = (torch.arange(L)[None, None, :] > at).to(scores.device)  # [G, n, L]
             scores = scores.masked_fill(mask[:, None], float("-inf"))
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             o = torch.matmul(probs, v.transpose(1, 2))  # [G, h, n, v]
@@ -127,17 +131,17 @@ class MLAttention(nn.Module):
         return out
 
     def _absorbed(self, q_nope, q_pe, batch: AttentionBatch, cache: torch.Tensor) -> torch.Tensor:
-        slots, pad = batch.padded_context  # [B, L]
-        latent = _gather(cache, slots).to(q_nope.dtype)  # [B, L, r+p], laid out [c | k_pe]
+        slots, pad = batch.token_context  # [T, L]: one query per new token
+        latent = _gather(cache, slots).to(q_nope.dtype)  # [T, L, r+p], laid out [c | k_pe]
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [h, n, r], [h, v, r]
         # bmm, not einsum: the same matmuls without einsum's planning on every call.
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, h, r]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, h, r]
         # q_lat.c + q_pe.k_pe is one dot product of [q_lat | q_pe] with the cached row.
-        q = torch.cat([q_lat, q_pe], dim=-1)  # [B, h, r+p]
-        scores = torch.bmm(q, latent.transpose(1, 2)) * self.scale  # [B, h, L]
+        q = torch.cat([q_lat, q_pe], dim=-1)  # [T, h, r+p]
+        scores = torch.bmm(q, latent.transpose(1, 2)) * self.scale  # [T, h, L]
         if pad is not None:
             scores = scores.masked_fill(pad[:, None, :].to(scores.device), float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
-        o_lat = torch.bmm(probs, latent[..., : self.rank])  # [B, h, r]
-        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, h, v]
+        o_lat = torch.bmm(probs, latent[..., : self.rank])  # [T, h, r]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, h, v]

@@ -19,6 +19,9 @@ class AttentionBatch:
     query_lens: tuple[int, ...]  # new tokens per sequence, summing to T
     context_slots: tuple[torch.Tensor, ...]  # per sequence [L] long: slot of positions 0..L-1
     write_slots: torch.Tensor  # [T] long: slot that receives each new token's latent KV
+    # A decode step whose sequences may carry drafted tokens (speculative decoding): every
+    # new token is attended as a decode query over the context up to itself.
+    speculative: bool = False
 
     def __post_init__(self) -> None:
         if sum(self.query_lens) != self.positions.numel():
@@ -34,8 +37,9 @@ class AttentionBatch:
 
     @property
     def is_decode(self) -> bool:
-        """Every sequence adds exactly one token (the absorbed-attention fast path)."""
-        return all(n == 1 for n in self.query_lens)
+        """A decode step (the absorbed-attention path): every sequence adds exactly one token,
+        or the step is speculative."""
+        return self.speculative or all(n == 1 for n in self.query_lens)
 
     @cached_property
     def padded_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -48,6 +52,21 @@ class AttentionBatch:
         slots = torch.nn.utils.rnn.pad_sequence(list(self.context_slots), batch_first=True)
         pad = torch.arange(slots.shape[1])[None, :] >= torch.tensor(lens)[:, None]
         return slots, pad
+
+    @cached_property
+    def token_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """padded_context per new token: token j of a sequence with n new tokens and context
+        slots S sees S[:len(S) - n + j + 1], itself and what precedes it (causality without a
+        position mask; a context need not start at position 0, see SeqChunk.context_from)."""
+        if all(n == 1 for n in self.query_lens):
+            return self.padded_context
+        rows = [s[: s.numel() - n + j + 1] for s, n in zip(self.context_slots, self.query_lens,
+                                                           strict=True) for j in range(n)]
+        lens = [r.numel() for r in rows]
+        slots = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        if min(lens) == max(lens):
+            return slots, None
+        return slots, torch.arange(slots.shape[1])[None, :] >= torch.tensor(lens)[:, None]
 
     def last_token_indices(self) -> torch.Tensor:
         """[B] index of each sequence's last new token within the batch."""
@@ -68,6 +87,7 @@ class AttentionBatch:
                     query_lens=self.query_lens[r.start : r.stop],
                     context_slots=self.context_slots[r.start : r.stop],
                     write_slots=self.write_slots[lo:hi],
+                    speculative=self.speculative,
                 )
             )
         return parts

@@ -9,7 +9,8 @@ random prompts), and an lm_head scale that spreads logits so near-ties are rare.
 Two options shape a checkpoint like a published DeepSeek-V3 one: `fp8_block` quantises the
 linear weights to FP8 in blocks (services/model/fp8.py), and `tokenizer_size` writes a
 tokenizer that knows fewer ids than config.json's vocab_size (V3: 129,280 embedding rows,
-about 128.8k tokens). Neither changes the drawn weights.
+about 128.8k tokens), and `mtp` adds V3's multi-token-prediction layer. None changes the
+main model's drawn weights.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _tensors(cfg: ModelConfig, g: torch.Generator) -> dict[str, torch.Tensor]:
     placeholders = [i for tok, i in build_tokenizer(cfg.vocab_size).get_vocab().items()
                     if "place▁holder" in tok]
     h = cfg.num_attention_heads
-    for i in range(cfg.num_hidden_layers):
+
+    def decoder_layer(i: int) -> None:
         p = f"model.layers.{i}"
         norm(f"{p}.input_layernorm.weight", H)
         norm(f"{p}.post_attention_layernorm.weight", H)
@@ -85,21 +87,38 @@ def _tensors(cfg: ModelConfig, g: torch.Generator) -> dict[str, torch.Tensor]:
                 mlp(f"{m}.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts)
         else:
             mlp(f"{p}.mlp", cfg.intermediate_size)
+
+    for i in range(cfg.num_hidden_layers):
+        decoder_layer(i)
     norm("model.norm.weight", H)
     linear("lm_head.weight", cfg.vocab_size, H, gain=4.0)
     out["lm_head.weight"][sorted(placeholders)] *= 0.05
+    if cfg.num_nextn_predict_layers:  # drawn last: the main model's weights stay as they were
+        n = cfg.num_hidden_layers
+        decoder_layer(n)
+        p = f"model.layers.{n}"
+        norm(f"{p}.enorm.weight", H)
+        norm(f"{p}.hnorm.weight", H)
+        linear(f"{p}.eh_proj.weight", H, 2 * H)
+        norm(f"{p}.shared_head.norm.weight", H)
+        # V3 ships copies of the embedding and the head in its MTP layer; so do we
+        out[f"{p}.embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
+        out[f"{p}.shared_head.head.weight"] = out["lm_head.weight"].clone()
     return out
 
 
 def make_model(preset: str, out_dir: str | Path, seed: int = 0,
                max_shard_bytes: int | None = None, fp8_block: int | None = None,
-               tokenizer_size: int | None = None) -> Path:
-    """Write config.json, safetensors and the tokenizer; fp8_block quantises (square blocks)."""
+               tokenizer_size: int | None = None, mtp: bool = False) -> Path:
+    """Write config.json, safetensors and the tokenizer; fp8_block quantises (square blocks);
+    mtp adds one multi-token-prediction layer (num_nextn_predict_layers 1, as V3 ships)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (one of {sorted(PRESETS)})")
     if fp8_block is not None and fp8_block <= 0:
         raise ValueError(f"fp8_block must be > 0, got {fp8_block}")
     raw = dict(PRESETS[preset])
+    if mtp:
+        raw["num_nextn_predict_layers"] = 1
     cfg = ModelConfig.from_dict(raw)
     if tokenizer_size is not None and not MIN_VOCAB_SIZE <= tokenizer_size <= cfg.vocab_size:
         raise ValueError(f"tokenizer_size must be in [{MIN_VOCAB_SIZE}, {cfg.vocab_size}] "

@@ -8,7 +8,7 @@ transformers-4 layout (`rope_theta` + `rope_scaling`) and the transformers-5 lay
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,9 @@ class ModelConfig:
     torch_dtype: str = "float32"
     # quantisation: the (rows, cols) block of FP8 weight scales; None when nothing is quantised
     fp8_weight_block: tuple[int, int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # multi-token prediction: layers after the last decoder layer (V3: 1, layer 61), used as
+    # the speculative draft (services/model/mtp.py); 0 when the checkpoint has none
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -86,6 +88,8 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError("num_nextn_predict_layers must be >= 0")
         if self.qk_rope_head_dim % 2:
             raise ConfigError("qk_rope_head_dim must be even")
         if self.n_routed_experts:
@@ -147,9 +151,7 @@ class ModelConfig:
         return _parse(raw)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
 
 def _need(raw: dict[str, Any], key: str, kind: type | tuple[type, ...] = int) -> Any:
@@ -267,5 +269,5 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
         fp8_weight_block=_fp8_weight_block(raw.get("quantization_config")),
-        extra={k: v for k, v in raw.items() if k == "num_nextn_predict_layers"},
+        num_nextn_predict_layers=int(raw.get("num_nextn_predict_layers") or 0),
     )

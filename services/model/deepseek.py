@@ -124,6 +124,12 @@ class DecoderLayer(nn.Module):
         return x, weights, ids
 
 
+def cast_weights(module: nn.Module, dtype: torch.dtype) -> None:
+    for name, param in module.named_parameters():
+        if ".mlp.gate." not in name:  # the router stays fp32, as DeepSeek runs it
+            param.data = param.data.to(dtype)
+
+
 class DeepseekModel(nn.Module):
     def __init__(self, cfg: ModelConfig, experts: ExpertKeys | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -138,9 +144,8 @@ class DeepseekModel(nn.Module):
         )
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        for name, param in self.named_parameters():
-            if ".mlp.gate." not in name:  # the router stays fp32, as DeepSeek runs it
-                param.data = param.data.to(dtype)
+        cast_weights(self, dtype)
+        self.mtp = None  # the MTP draft layer, when loaded (services/model/mtp.py attach_mtp)
         with torch.device("cpu"):
             self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.rope_interleave)
 
@@ -162,6 +167,12 @@ class DeepseekModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h)).float()
 
+    def logits_and_hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's output h [T, H] -> (fp32 logits [T, V], final-normed hidden [T, H]):
+        what a speculative step needs of every token, the MTP draft taking the hidden state."""
+        normed = self.model.norm(h)
+        return self.lm_head(normed).float(), normed
+
     def expert_banks(self) -> dict[int, nn.Module]:
         return {layer.layer_id: layer.mlp.experts for layer in self.layers if layer.is_moe}
 
@@ -180,6 +191,14 @@ class DeepseekModel(nn.Module):
         """
         return self.forward_with_grad(input_ids, batch, caches, routed_fns, all_logits)
 
+    @torch.inference_mode()
+    def forward_tokens(self, input_ids: torch.Tensor, batch: AttentionBatch,
+                       caches: Sequence[torch.Tensor], routed_fns: Mapping[int, RoutedFn] | None
+                       = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every new token's fp32 logits [T, V] and final-normed hidden state [T, H] (a
+        speculative verification step)."""
+        return self.logits_and_hidden(self._hidden(input_ids, batch, caches, routed_fns))
+
     def forward_with_grad(
         self,
         input_ids: torch.Tensor,
@@ -191,11 +210,16 @@ class DeepseekModel(nn.Module):
         """forward's math outside inference mode, so autograd records it: training
         (services/train/) runs whole sequences as one prefill batch over fresh caches through
         this, the same stages serving runs."""
+        h = self._hidden(input_ids, batch, caches, routed_fns)
+        if not all_logits:
+            h = h[batch.last_token_indices().to(h.device)]
+        return self.logits(h)
+
+    def _hidden(self, input_ids, batch, caches, routed_fns) -> torch.Tensor:
+        """The last decoder layer's output [T, H]."""
         h = self.embed(input_ids)
         cos_sin = self.cos_sin(batch.positions)
         for layer in self.layers:
             h = layer.attention_block(h, batch, caches[layer.layer_id], self.rotary, cos_sin)
             h = layer.ffn_block(h, (routed_fns or {}).get(layer.layer_id))
-        if not all_logits:
-            h = h[batch.last_token_indices().to(h.device)]
-        return self.logits(h)
+        return h

@@ -26,6 +26,7 @@ from services.model import fp8
 from services.model.config import ModelConfig
 from services.model.deepseek import DeepseekModel, ExpertKeys, all_experts
 from services.model.moe import ExpertBank
+from services.model.mtp import MTP_SHARED_FALLBACK, attach_mtp, mtp_checkpoint_key
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16}
@@ -139,10 +140,11 @@ class TensorReader:
         return fp8.dequantize(t, self._raw(scale, row), self.fp8_block, key + at, scale + at)
 
 
-def _ignored(key: str, cfg: ModelConfig, index: CheckpointIndex) -> bool:
-    """Tensors that are legitimately present but unused: multi-token-prediction layers, scales."""
+def _ignored(key: str, cfg: ModelConfig, index: CheckpointIndex, mtp: bool) -> bool:
+    """Tensors that are legitimately present but unused: multi-token-prediction layers (all of
+    them, or those past the first when the first is loaded), scales."""
     m = LAYER_KEY.match(key)
-    if m and int(m.group(1)) >= cfg.num_hidden_layers:
+    if m and int(m.group(1)) >= cfg.num_hidden_layers + (1 if mtp else 0):
         return True
     if key.endswith(fp8.SCALE_SUFFIX) and key.removesuffix(fp8.SCALE_SUFFIX) in index.file_of:
         return True  # read with its weight; an orphan scale is unexpected
@@ -156,11 +158,14 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     report: LoadReport | None = None,
+    mtp: bool = False,
 ) -> DeepseekModel:
     """Build the model holding `experts` (layer -> keys; default all) and read its tensors.
 
     expert_logical maps layer -> key -> logical expert for keys that are not logical ids
-    (an expert worker's physical slots); by default a key is its logical id.
+    (an expert worker's physical slots); by default a key is its logical id. mtp: also load
+    the first multi-token-prediction layer as `model.mtp` (the speculative draft), with all of
+    its routed experts.
     """
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
@@ -175,23 +180,28 @@ def load_model(
                 raise CheckpointError(f"layer {layer}: expert {logical.get(k, k)} out of range")
     report = report if report is not None else LoadReport()
     index = CheckpointIndex(model_dir)
+    if mtp and cfg.num_nextn_predict_layers < 1:
+        raise CheckpointError(f"{model_dir} has no multi-token-prediction layer "
+                              "(num_nextn_predict_layers is 0): it cannot draft for MTP")
     with torch.device("meta"):
         model = DeepseekModel(cfg, experts, dtype)
+        if mtp:
+            attach_mtp(model)
     expected = {k: v for k, v in model.state_dict().items() if ".mlp.experts." not in k}
     state: dict[str, torch.Tensor] = {}
+    read: set[str] = set()
     with TensorReader(index, report, cfg.fp8_weight_block) as reader:
         for key, meta in expected.items():
-            source = key
-            if key == "lm_head.weight" and not reader.has(key) and cfg.tie_word_embeddings:
-                source = "model.embed_tokens.weight"
+            source = _source_key(key, cfg, reader)
             tensor = reader.read(source)
+            read.add(source)
             if tuple(tensor.shape) != tuple(meta.shape):
                 raise CheckpointError(
-                    f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(meta.shape)}"
-                )
+                    f"tensor {source!r} has shape {tuple(tensor.shape)}, expected "
+                    f"{tuple(meta.shape)}")
             state[key] = tensor.to(meta.dtype)
         for key in index.keys():
-            if key in expected or _ignored(key, cfg, index):
+            if key in read or _ignored(key, cfg, index, mtp):
                 continue
             if EXPERT_KEY.match(key) or FUSED_EXPERT_KEY.match(key):
                 continue
@@ -202,8 +212,24 @@ def load_model(
                                           dtype, report)
             state[f"model.layers.{layer}.mlp.experts.gate_up"] = gate_up
             state[f"model.layers.{layer}.mlp.experts.down"] = down
+        if mtp and model.mtp.is_moe:
+            n = cfg.num_hidden_layers
+            state["mtp.mlp.experts.gate_up"], state["mtp.mlp.experts.down"] = _read_experts(
+                reader, cfg, n, list(range(cfg.n_routed_experts)), dtype, report)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
+
+
+def _source_key(key: str, cfg: ModelConfig, reader: TensorReader) -> str:
+    """The checkpoint tensor a model parameter is read from."""
+    if key.startswith("mtp."):
+        source = mtp_checkpoint_key(cfg, key)
+        if reader.has(source) or key not in MTP_SHARED_FALLBACK:
+            return source
+        key = MTP_SHARED_FALLBACK[key]
+    if key == "lm_head.weight" and not reader.has(key) and cfg.tie_word_embeddings:
+        return "model.embed_tokens.weight"
+    return key
 
 
 def load_expert_banks(

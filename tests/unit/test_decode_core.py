@@ -375,3 +375,54 @@ async def test_a_sequence_cancelled_mid_step_keeps_its_blocks_until_the_step_is_
     assert torch.equal(got.cpu(), latent), "b's KV is its own"
     assert a.seq.finish_reason == "abort"
     core.cancel("b")
+
+
+# -- speculative decoding ------------------------------------------------------------------------
+
+class FakeForwardTokens(FakeForward):
+    """Every token's logits (next = id + 1) and a zero hidden state: a verification step."""
+
+    async def __call__(self, ids, batch, layers):
+        assert batch.speculative and len(layers) == CFG.num_hidden_layers
+        self.calls.append((ids.tolist(), batch.positions.tolist()))
+        await asyncio.sleep(0)
+        logits = torch.zeros(len(ids), CFG.vocab_size)
+        logits[torch.arange(len(ids)), (ids + 1) % CFG.vocab_size] = 5.0
+        return logits, torch.zeros(len(ids), 8)
+
+
+class NextNextDrafter:
+    """Drafts the right token (the fake model's id + 2), except for request "w"."""
+
+    def __init__(self) -> None:
+        self.forgotten: list[str] = []
+
+    def propose(self, inputs):
+        return [(i.tokens[-1] + (5 if i.seq.request_id == "w" else 1)) % CFG.vocab_size
+                for i in inputs]
+
+    def forget(self, seq_id):
+        self.forgotten.append(seq_id)
+
+
+async def test_speculative_steps_stream_the_same_tokens_in_fewer_steps(make_core):
+    from services.engine.speculative import Speculation
+
+    verify, drafter = FakeForwardTokens(), NextNextDrafter()
+    core = make_core(FakeForward(), speculation=Speculation(drafter), forward_tokens=verify)
+    a = await core.admit("a", [7] * 5, greedy(8))  # 13 tokens: 4 blocks of 4
+    w = await core.admit("w", [7] * 2, greedy(8))  # its drafts are always wrong
+    core.install_kv("a", kv(5), first_token=10)
+    core.install_kv("w", kv(2), first_token=50)
+    ea, ew = await events_until_done(a), await events_until_done(w)
+    assert ea == [("token", i, 10 + i) for i in range(8)] + [("finished", "length", 8)]
+    assert ew == [("token", i, 50 + i) for i in range(8)] + [("finished", "length", 8)]
+    fed_a = [(ids, pos) for ids, pos in verify.calls if 10 <= ids[0] < 50]
+    # a: positions 5 (no draft yet), then token + draft two at a time, the last alone
+    assert [pos[0] for _, pos in fed_a][:3] == [5, 6, 8]
+    assert core.speculation.stats.accepted[0] >= 3
+    async with asyncio.timeout(5):  # the step's draft, after the last token, ends first
+        while core.cache.allocator.used_blocks:
+            await asyncio.sleep(0.01)
+    assert {"a", "w"} <= set(drafter.forgotten) and core.speculation._drafts == {}
+    assert core.cache.allocator.used_blocks == 0 and core.budget.reserved_blocks == 0
