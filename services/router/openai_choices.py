@@ -1,12 +1,16 @@
-"""The `n` choices of one OpenAI request, generated side by side.
+"""The choices of one OpenAI request, generated side by side: `n` for each of its prompts (a
+completions body may hold a batch of prompts; chat has one).
 
-Each choice is a request of its own through the Gateway (its own KV, decode slot and usage
-record), with the id `<id>.<i>` and, when seeded, the seed `seed + i`: choice 0 is what the
-same request with n = 1 gives, and greedy choices are all the same text (as OpenAI's). Each
-choice's response stream is read to its end by a task of its own (a stream's logging context
-stays in the task that opened it) into one queue the handler reads.
+Prompt p's choice c has OpenAI's (and vLLM's) index i = p * n + c. Each choice is a request of
+its own through the Gateway (its own KV, decode slot, admission and API-key slot, usage
+record), with the id `<id>.<i>` (the bare id when there is one choice in all) and, when
+seeded, the seed `seed + c`: each prompt's choices are what that prompt alone with the same
+n gives, its choice 0 what it gives with n = 1, and greedy choices are all the same text (as
+OpenAI's). Each choice's response stream is read to its end by a task of its own (a stream's
+logging context stays in the task that opened it) into one queue the handler reads.
 
-`usage` adds the choices up as OpenAI does: the prompt once, every choice's completion tokens.
+`usage` adds the choices up as OpenAI does: every prompt once, every choice's completion
+tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -25,26 +29,28 @@ from services.router.validation import RawRequest
 _END = object()
 
 
-def choice_requests(raw: RawRequest, n: int) -> list[RawRequest]:
-    if n == 1:
-        return [raw]
+def choice_requests(prompts: Sequence[RawRequest], n: int) -> list[RawRequest]:
+    """One request per (prompt, choice), in choice-index order."""
+    if len(prompts) * n == 1:
+        return [prompts[0]]
     return [dataclasses.replace(
-        raw, request_id=f"{raw.request_id}.{i}",
-        seed=None if raw.seed is None else (raw.seed + i) % 2**63) for i in range(n)]
+        raw, request_id=f"{raw.request_id}.{p * n + c}",
+        seed=None if raw.seed is None else (raw.seed + c) % 2**63)
+        for p, raw in enumerate(prompts) for c in range(n)]
 
 
 class Choices:
     def __init__(self, streams: list[AsyncIterator[inference_pb2.GenerateResponse]]) -> None:
-        self.n = len(streams)
+        self.count = len(streams)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._early: deque = deque()  # read by `first`, not yet by `events`
         self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
 
     @classmethod
-    def start(cls, raw: RawRequest, n: int,
+    def start(cls, prompts: Sequence[RawRequest], n: int,
               generate: Callable[[RawRequest], AsyncIterator[inference_pb2.GenerateResponse]]
               ) -> Choices:
-        return cls([generate(r) for r in choice_requests(raw, n)])
+        return cls([generate(r) for r in choice_requests(prompts, n)])
 
     async def _pump(self, index: int, stream) -> None:
         try:
@@ -63,7 +69,7 @@ class Choices:
         """Wait until every choice has answered once; a refusal of any raises RequestFailed
         here, before a byte of the response is sent."""
         answered: set[int] = set()
-        while len(answered) < self.n:
+        while len(answered) < self.count:
             index, item = await self._queue.get()
             if isinstance(item, RequestFailed):
                 raise item
@@ -73,7 +79,7 @@ class Choices:
     async def events(self) -> AsyncIterator[tuple[int, inference_pb2.GenerateResponse]]:
         """(choice index, response) as they come; raises the first choice's RequestFailed."""
         ended = 0
-        while ended < self.n:
+        while ended < self.count:
             index, item = self._early.popleft() if self._early else await self._queue.get()
             if item is _END:
                 ended += 1
@@ -89,12 +95,14 @@ class Choices:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def usage(finals: list[inference_pb2.GenerateFinal]) -> inference_pb2.Usage:
-    first = finals[0].usage
+def usage(finals: Sequence[inference_pb2.GenerateFinal], n: int) -> inference_pb2.Usage:
+    """`finals` in choice-index order, `n` choices per prompt: each prompt's tokens (and its
+    cache hits and misses) are counted once, from its first choice."""
+    firsts = [f.usage for f in finals[::n]]
     return inference_pb2.Usage(
-        prompt_tokens=first.prompt_tokens,
+        prompt_tokens=sum(u.prompt_tokens for u in firsts),
         completion_tokens=sum(f.usage.completion_tokens for f in finals),
         time_to_first_token_s=min(f.usage.time_to_first_token_s for f in finals),
         total_time_s=max(f.usage.total_time_s for f in finals),
-        prompt_cache_hit_tokens=first.prompt_cache_hit_tokens,
-        prompt_cache_miss_tokens=first.prompt_cache_miss_tokens)
+        prompt_cache_hit_tokens=sum(u.prompt_cache_hit_tokens for u in firsts),
+        prompt_cache_miss_tokens=sum(u.prompt_cache_miss_tokens for u in firsts))

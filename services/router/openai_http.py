@@ -3,7 +3,7 @@ point their clients at, shaped as OpenAI's published OpenAPI document says (test
 every body against it: tests/integration/test_openai_conformance.py).
 
     GET  /v1/models, /v1/models/{model}
-    POST /v1/completions        prompt: string | [token ids]; stream: bool
+    POST /v1/completions        prompt: string | [token ids] | a batch of either; stream: bool
     POST /v1/chat/completions   messages: [{role, content}]; stream: bool
     GET  /health
 
@@ -15,8 +15,9 @@ capacity), 503 (draining / no instance), 500/502/504 otherwise. Streaming is ser
 ending with `data: [DONE]`; with `stream_options.include_usage` the usage comes in a last chunk
 of its own with empty `choices` (chat chunks before it carry `"usage": null`; completion chunks
 leave it out, the document having no null usage there). Which parameters are served, accepted
-at their defaults only, or refused: services/router/openai_params.py; `n` choices:
-openai_choices.py; the `logprobs` objects: openai_logprobs.py.
+at their defaults only, or refused: services/router/openai_params.py; `n` choices of each
+prompt (index prompt * n + choice): openai_choices.py; the `logprobs` objects:
+openai_logprobs.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from aiohttp import web
 from services.auth.api_keys import bearer
 from services.auth.limiter import retry_after_header
 from services.protos_gen.epserve.v1 import inference_pb2
+from services.router import metrics
 from services.router.access import Throttled
 from services.router.flow import RequestFailed
 from services.router.openai_choices import Choices
@@ -38,7 +40,7 @@ from services.router.openai_choices import usage as choices_usage
 from services.router.openai_logprobs import ChoiceLogprobs
 from services.router.openai_params import BadRequest, OpenAIRequest, parse_body
 from services.router.server import Gateway, new_request_id
-from services.router.validation import InvalidRequest
+from services.router.validation import InvalidRequest, check_before_encoding
 
 log = structlog.get_logger("router")
 STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.ALREADY_EXISTS: 409,
@@ -200,10 +202,12 @@ class OpenAIHttp:
             return _error(400, f"{rid}: {exc}", "invalid_request", exc.param, rid)
         if req.user:
             log.info("openai_request_user", request_id=rid, user=req.user[:128])
+        if refused := self._bad_prompt_of_a_batch(req):
+            return refused
         kind = "chat.completion" if chat else "text_completion"
         created = int(time.time())
         key = api_key(request)
-        choices = Choices.start(req.raw, req.n, lambda raw: self.gateway.generate(raw, key))
+        choices = Choices.start(req.prompts, req.n, lambda raw: self.gateway.generate(raw, key))
         try:
             try:
                 await choices.first()  # refusals surface here, before any byte
@@ -216,6 +220,24 @@ class OpenAIHttp:
             # A client that goes away cancels this handler: closing the choices here runs
             # each request's cleanup at once (the decode slot is freed, the usage written).
             await choices.close()
+
+    def _bad_prompt_of_a_batch(self, req: OpenAIRequest) -> web.Response | None:
+        """A batch's prompts are all checked before any starts, with the checks that need no
+        tokenising (the Gateway runs them again for each): one prompt at fault refuses the
+        request before its siblings are admitted, prefilled and billed for nothing."""
+        if len(req.prompts) == 1:
+            return None  # the Gateway's own checks refuse it, as they always have
+        for p, raw in enumerate(req.prompts):
+            try:
+                check_before_encoding(raw, self.gateway.limits)
+            except InvalidRequest as exc:
+                metrics.REQUESTS.labels(outcome="invalid").inc()
+                which = f"prompt[{p}]: " if exc.param in ("prompt", "prompt_ids") else ""
+                failed = RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"{raw.request_id}: {which}{exc}")
+                failed.__cause__ = exc  # names the parameter, as the Gateway's refusals do
+                return _failure(failed, req)
+        return None
 
     def _logprobs(self, chat: bool) -> ChoiceLogprobs:
         return ChoiceLogprobs(chat, self.gateway.flow.tokenizer.token_bytes)
@@ -235,9 +257,9 @@ class OpenAIHttp:
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
     async def _whole(self, req, kind, created, chat, choices: Choices) -> web.Response:
-        pieces = [[] for _ in range(req.n)]
-        finals: list = [None] * req.n
-        logprobs = [self._logprobs(chat) for _ in range(req.n)]
+        pieces = [[] for _ in range(choices.count)]
+        finals: list = [None] * choices.count
+        logprobs = [self._logprobs(chat) for _ in range(choices.count)]
         try:
             async for i, resp in choices.events():
                 if resp.WhichOneof("kind") == "delta":
@@ -256,8 +278,9 @@ class OpenAIHttp:
         return web.json_response({
             "id": rid, "object": kind, "created": created, "model": self.gateway.limits.name,
             "choices": [self._choice(chat, i, "".join(pieces[i]), finals[i].finish_reason,
-                                     None, logprobs[i].whole(asked)) for i in range(req.n)],
-            "usage": usage_object(choices_usage(finals))}, headers={"X-Request-Id": rid})
+                                     None, logprobs[i].whole(asked))
+                        for i in range(choices.count)],
+            "usage": usage_object(choices_usage(finals, req.n))}, headers={"X-Request-Id": rid})
 
     async def _stream(self, request, req: OpenAIRequest, created, chat, choices: Choices
                       ) -> web.StreamResponse:
@@ -274,21 +297,25 @@ class OpenAIHttp:
         if chat and req.include_usage:
             base["usage"] = None  # as OpenAI: null on every chunk but the usage chunk
         # the first chat chunk of each choice names the role
-        deltas: list[dict] = [{"role": "assistant"} for _ in range(req.n)]
-        logprobs = [self._logprobs(chat) for _ in range(req.n)]
-        finals: list = []
+        deltas: list[dict] = [{"role": "assistant"} for _ in range(choices.count)]
+        logprobs = [self._logprobs(chat) for _ in range(choices.count)]
+        finals: list = [None] * choices.count  # in choice-index order, for the usage
         try:
             async for i, resp in choices.events():
                 if resp.WhichOneof("kind") == "delta":
                     await send({**base, "choices": [self._choice(
                         chat, i, resp.delta.text, None, deltas[i], logprobs[i].of(resp.delta))]})
                 else:
-                    finals.append(resp.final)
+                    finals[i] = resp.final
                     await send({**base, "choices": [self._choice(
                         chat, i, resp.final.text, resp.final.finish_reason, deltas[i], None)]})
                 deltas[i] = {}
             if req.include_usage:  # after every choice's last chunk
-                await send({**base, "choices": [], "usage": usage_object(choices_usage(finals))})
+                if any(f is None for f in finals):
+                    raise RequestFailed(grpc.StatusCode.INTERNAL,
+                                        f"{rid}: a choice ended without its final message")
+                await send({**base, "choices": [],
+                            "usage": usage_object(choices_usage(finals, req.n))})
         except RequestFailed as exc:  # headers are sent: the error travels as an event
             await send({"error": error_object(500, exc.message, exc.code.lower())})
         await out.write(b"data: [DONE]\n\n")

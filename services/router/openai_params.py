@@ -3,8 +3,9 @@ RawRequest (pure, no I/O).
 
 Each parameter is one of three kinds, and none is ever silently ignored:
 
-served       model, prompt | messages, max_tokens (max_completion_tokens), temperature, top_p,
-             seed, stop (strings), n, presence_penalty, frequency_penalty, logit_bias, logprobs
+served       model, prompt (a string, token ids, or a batch of either: n choices of each
+             prompt) | messages, max_tokens (max_completion_tokens), temperature, top_p, seed,
+             stop (strings), n, presence_penalty, frequency_penalty, logit_bias, logprobs
              (and chat's top_logprobs), stream, stream_options.include_usage, user and
              safety_identifier (logged), and the extensions top_k, ignore_eos and
              stop_token_ids (as vLLM names them);
@@ -18,6 +19,8 @@ known parameter's default.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +28,10 @@ from services.router.validation import ChatTurn, RawRequest
 
 DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 16  # n: each choice is a generation of its own (KV, a decode slot)
+# prompts x n: the generations one request starts at once, each its own (KV, a decode slot,
+# an admission and an API-key slot); the router's default --max-inflight, so that a request
+# at the bound can still be admitted whole by a router at its defaults
+MAX_GENERATIONS = 64
 
 
 class BadRequest(ValueError):
@@ -42,6 +49,13 @@ class OpenAIRequest:
     n: int = 1  # choices: choice i samples with seed + i (greedy choices are all the same)
     # RawRequest field -> the body's parameter, for the `param` of a later refusal
     params: dict[str, str] = field(default_factory=dict)
+    # a batch of prompts (completions): one request per prompt, `raw` first; () for one prompt
+    batch: tuple[RawRequest, ...] = ()
+
+    @property
+    def prompts(self) -> tuple[RawRequest, ...]:
+        """One request per prompt, in the body's order (every field but the prompt is raw's)."""
+        return self.batch or (self.raw,)
 
 
 def _number(x: object) -> bool:
@@ -81,11 +95,12 @@ def parse_body(body: object, chat: bool, request_id: str) -> OpenAIRequest:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     _refuse_what_is_not_served(body, chat)
-    prompt, prompt_ids, messages = "", (), ()
+    prompts, messages = (("", ()),), ()
     if chat:
         messages = _messages(body.get("messages"))
     else:
-        prompt, prompt_ids = _prompt(body.get("prompt"))
+        prompts = _prompts(body.get("prompt"))
+    prompt, prompt_ids = prompts[0]
     stream = _typed(body, "stream", bool, False)
     include_usage = _stream_options(body.get("stream_options"), stream)
     stop_ids = body.get("stop_token_ids") or []
@@ -97,6 +112,10 @@ def parse_body(body: object, chat: bool, request_id: str) -> OpenAIRequest:
     n = _typed(body, "n", int, 1)
     if not 1 <= n <= MAX_CHOICES:
         raise BadRequest(f"n must be in [1, {MAX_CHOICES}], got {n}", "n")
+    if len(prompts) * n > MAX_GENERATIONS:
+        raise BadRequest(f"a batch of {len(prompts)} prompts with n = {n} asks for "
+                         f"{len(prompts) * n} choices, more than the {MAX_GENERATIONS} one "
+                         f"request may (prompts x n)", "prompt")
     raw = RawRequest(
         request_id=request_id, model=model, prompt=prompt, prompt_ids=prompt_ids,
         messages=messages, max_tokens=_typed(body, max_key, int, DEFAULT_MAX_TOKENS),
@@ -115,7 +134,9 @@ def parse_body(body: object, chat: bool, request_id: str) -> OpenAIRequest:
               "stop_token_ids": "stop_token_ids", "presence_penalty": "presence_penalty",
               "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias",
               "logprobs": "top_logprobs" if chat else "logprobs", "stop": "stop"}
-    return OpenAIRequest(raw, stream, include_usage, user, n=n, params=params)
+    batch = tuple(dataclasses.replace(raw, prompt=text, prompt_ids=ids)
+                  for text, ids in prompts) if len(prompts) > 1 else ()
+    return OpenAIRequest(raw, stream, include_usage, user, n=n, params=params, batch=batch)
 
 
 def _refuse_what_is_not_served(body: dict, chat: bool) -> None:
@@ -184,13 +205,34 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return top or 0
 
 
-def _prompt(p: object) -> tuple[str, tuple[int, ...]]:
+_PROMPT_FORMS = ("prompt must be a string, a list of token ids, a list of strings or a list "
+                 "of lists of token ids")
+
+
+def _prompts(p: object) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """OpenAI's four forms of `prompt` as (text, token ids) per prompt. One prompt is as
+    before (an empty one is validation's to refuse, as over gRPC); in a batch every prompt
+    must be non-empty and all of one form, so that a batch is refused whole, before any of
+    its prompts starts."""
     if isinstance(p, str):
-        return p, ()
-    if isinstance(p, list) and all(_integer(t) for t in p):
-        return "", tuple(p)
-    raise BadRequest("prompt must be a string or a list of token ids (one prompt: a batch of "
-                     "prompts is not supported)", "prompt")
+        return ((p, ()),)
+    if not isinstance(p, list):
+        raise BadRequest(f"{_PROMPT_FORMS}, got {json.dumps(p)[:40]}", "prompt")
+    if not p:
+        raise BadRequest("prompt must not be an empty list", "prompt")
+    if all(_integer(t) for t in p):
+        return (("", tuple(p)),)
+    if all(isinstance(text, str) for text in p):
+        if "" in p:
+            raise BadRequest(f"prompt[{p.index('')}] is an empty string", "prompt")
+        return tuple((text, ()) for text in p)
+    if all(isinstance(ids, list) for ids in p):
+        for i, ids in enumerate(p):
+            if not ids or not all(_integer(t) for t in ids):
+                raise BadRequest(f"prompt[{i}] must be a non-empty list of integer token ids",
+                                 "prompt")
+        return tuple(("", tuple(ids)) for ids in p)
+    raise BadRequest(f"{_PROMPT_FORMS}, one form for every prompt of a batch", "prompt")
 
 
 def _messages(msgs: object) -> tuple[ChatTurn, ...]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 
 from services.protos_gen.epserve.v1 import expert_pb2, inference_pb2, serving_pb2, tensor_pb2
+from services.router.openai_params import MAX_GENERATIONS
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,8 @@ def _http_mutations(chat: bool, m: Model) -> st.SearchStrategy[tuple[str, object
     else:
         specific = [
             ("prompt", st.one_of(st.integers(), st.dictionaries(text, text, min_size=1),
-                                 st.lists(text, min_size=1, max_size=3),
-                                 st.lists(st.lists(st.integers(), max_size=2), min_size=1,
-                                          max_size=2),
                                  st.lists(st.integers(m.vocab, 10**9), min_size=1, max_size=3),
-                                 st.just(""))),
+                                 st.just(""), st.just([]), _bad_batch(m))),
             ("logprobs", st.one_of(st.integers(21, 10**6), st.integers(max_value=-1),
                                    st.just(True), text)),
             ("echo", st.just(True)),
@@ -129,6 +127,21 @@ def _http_mutations(chat: bool, m: Model) -> st.SearchStrategy[tuple[str, object
             ("top_logprobs", st.integers(0, 5)),  # a chat parameter
         ]
     return st.one_of(*[st.tuples(st.just(k), v) for k, v in common + specific])
+
+
+def _bad_batch(m: Model) -> st.SearchStrategy[list]:
+    """A batch of prompts (completions) that is bad whole: an empty prompt in it, two forms
+    mixed, every prompt's tokens outside the vocabulary, or more prompts than a request may."""
+    word = st.text(min_size=1, max_size=8)
+    ids = st.lists(st.integers(5, m.vocab - 1), min_size=1, max_size=3)
+    return st.one_of(
+        st.lists(word, max_size=2).map(lambda batch: [*batch, ""]),
+        st.lists(ids, max_size=2).map(lambda batch: [*batch, []]),
+        st.tuples(word, ids).map(list), st.tuples(ids, st.integers(5, m.vocab - 1)).map(list),
+        st.lists(st.lists(st.integers(m.vocab, 10**9), min_size=1, max_size=2), min_size=2,
+                 max_size=3),
+        st.lists(st.lists(text, min_size=1, max_size=2), min_size=1, max_size=2),
+        st.integers(MAX_GENERATIONS + 1, MAX_GENERATIONS + 9).map(lambda n: ["x"] * n))
 
 
 def _mutate(body: dict, mutations: list[tuple[str, object]], chat: bool) -> dict:

@@ -137,3 +137,19 @@ def test_a_key_cannot_reserve_more_kv_than_its_cap(cluster):
         complete(cluster, key, max_tokens=60)
     assert "reserved-token cap of 40" in err.value.body["message"]
     assert complete(cluster, key, max_tokens=3).usage.completion_tokens == 3  # given back
+
+
+def test_a_batch_of_prompts_is_charged_as_a_request_per_choice(cluster):
+    """Each (prompt, choice) of a batch is a request of its own to the key's limits: a key
+    allowed one request per 20 s serves a batch of one prompt but refuses a batch of two."""
+    limit = ("--requests-per-s", "0.05")
+    one = api(cluster, create(cluster, "batcher", *limit)["key"])
+    out = one.completions.create(model="", prompt=["to be"], max_tokens=3)
+    assert out.usage.completion_tokens == 3
+    two = api(cluster, create(cluster, "batcher", *limit)["key"])
+    with pytest.raises(openai.RateLimitError) as err:
+        two.completions.create(model="", prompt=["to be", "or not"], max_tokens=3)
+    assert err.value.body["code"] == "rate_limit_exceeded"
+    three = api(cluster, create(cluster, "batcher", *limit)["key"])
+    with pytest.raises(openai.RateLimitError):
+        three.completions.create(model="", prompt=[[10, 20]], n=2, max_tokens=3)

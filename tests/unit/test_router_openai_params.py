@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.openai_params import DEFAULT_MAX_TOKENS, BadRequest, parse_body
+from services.router.openai_params import (
+    DEFAULT_MAX_TOKENS,
+    MAX_CHOICES,
+    MAX_GENERATIONS,
+    BadRequest,
+    parse_body,
+)
 from services.router.validation import ChatTurn
 
 
@@ -127,8 +133,7 @@ def test_the_error_says_what_would_be_accepted():
     ({"prompt": "hi", "model": 5}, "model"),
     ({"prompt": "hi", "stop_token_ids": ["a"]}, "stop_token_ids"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": [[1], [2]]}, "prompt"),
+    ({"prompt": {"text": "a"}}, "prompt"),
 ])
 def test_wrong_types_and_forms_name_the_parameter(body, param):
     assert refused(body).param == param
@@ -150,3 +155,64 @@ def test_include_obfuscation_false_is_what_epserve_does():
 
 def test_body_must_be_an_object():
     assert refused([1, 2]).param is None  # type: ignore[arg-type]
+
+
+# -- a batch of prompts -------------------------------------------------------------------------
+
+def test_a_batch_of_strings_is_one_request_per_prompt_sharing_the_rest():
+    req = parse_body({"prompt": ["a b", "c", "d e f"], "n": 2, "max_tokens": 5, "seed": 9,
+                      "stop": ["x"], "logprobs": 1}, False, "r-1")
+    assert [r.prompt for r in req.prompts] == ["a b", "c", "d e f"]
+    assert req.prompts[0] == req.raw and req.n == 2
+    for r in req.prompts:
+        assert r.prompt_ids == () and r.request_id == "r-1"
+        assert (r.max_tokens, r.seed, r.stop, r.logprobs) == (5, 9, ("x",), 1)
+
+
+def test_a_batch_of_token_id_lists():
+    req = parse_body({"prompt": [[1, 2], [3], [4, 5, 6]]}, False, "r")
+    assert [r.prompt_ids for r in req.prompts] == [(1, 2), (3,), (4, 5, 6)]
+    assert all(r.prompt == "" for r in req.prompts)
+
+
+@pytest.mark.parametrize("prompt, text, ids", [
+    ("hi", "hi", ()), ([7, 8], "", (7, 8)), (["hi"], "hi", ()), ([[7, 8]], "", (7, 8)),
+])
+def test_one_prompt_in_any_form_is_no_batch(prompt, text, ids):
+    req = parse_body({"prompt": prompt}, False, "r")
+    assert req.batch == () and req.prompts == (req.raw,)
+    assert (req.raw.prompt, req.raw.prompt_ids) == (text, ids)
+
+
+def test_chat_has_one_prompt():
+    req = parse_body({"messages": [{"role": "user", "content": "x"}], "n": 3}, True, "r")
+    assert req.prompts == (req.raw,)
+
+
+@pytest.mark.parametrize("prompt", [
+    [],  # no prompt at all
+    ["a", ""], [""],  # an empty string in a batch
+    [[1], []], [[]],  # an empty token list in a batch
+    ["a", [1]], [1, "a"], [[1], 2], ["a", None],  # forms mixed
+    [1.5], [True, 2], [[1, "2"]], [[1.0]], [[1], [True]],  # tokens that are not integers
+    [["a"]], [[[1]]],  # nested deeper than OpenAI's forms
+])
+def test_bad_batches_are_refused_naming_prompt(prompt):
+    err = refused({"prompt": prompt})
+    assert err.param == "prompt", err
+
+
+def test_the_refusal_says_which_prompt():
+    assert "prompt[1]" in str(refused({"prompt": ["a", ""]}))
+    assert "prompt[2]" in str(refused({"prompt": [[1], [2], [3, "x"]]}))
+
+
+def test_prompts_times_n_is_bounded():
+    prompts = ["p"] * (MAX_GENERATIONS // MAX_CHOICES)
+    assert len(parse_body({"prompt": prompts, "n": MAX_CHOICES}, False, "r").prompts) == len(
+        prompts)
+    err = refused({"prompt": [*prompts, "one more"], "n": MAX_CHOICES})
+    assert err.param == "prompt" and str(MAX_GENERATIONS) in str(err)
+    assert len(parse_body({"prompt": ["p"] * MAX_GENERATIONS}, False, "r").prompts) == (
+        MAX_GENERATIONS)
+    assert refused({"prompt": [[1]] * (MAX_GENERATIONS + 1)}).param == "prompt"
