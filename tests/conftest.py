@@ -21,6 +21,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mtp_model_dir(tmp_path_factory) -> Path:
+    """tiny with V3's MTP layer: the main model's weights are tiny's (the MTP layer is drawn
+    after them), so tiny's reference engine is this checkpoint's plain decoding."""
+    return make_model("tiny", tmp_path_factory.mktemp("tiny_mtp"), seed=0, mtp=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_fp8_model_dir(tmp_path_factory) -> Path:
     """tiny with FP8 block-quantised linears, blocks of 24: partial blocks in every weight."""
     return make_model("tiny", tmp_path_factory.mktemp("tinyfp8"), seed=0, fp8_block=24)

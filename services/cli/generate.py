@@ -13,7 +13,7 @@ from services.balance.naive import contiguous_placement
 from services.common.errors import CheckpointError, CliError, ConfigError
 from services.engine.ep_client import EPError, ExpertClient
 from services.engine.ep_engine import EPEngine
-from services.engine.reference import GenerationRequest, ReferenceEngine
+from services.engine.reference import GenerationRequest, ReferenceEngine, mtp_drafter
 from services.engine.sampling import SamplingParams
 from services.local.expert_workers import LocalExpertWorkers
 from services.model.config import ModelConfig
@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                    help="use running expert workers: host:port,... in rank order")
     p.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp8"],
                    help="dispatch/combine format: fp32, bf16, or fp8 dispatch + bf16 combine")
+    p.add_argument("--speculative", choices=["off", "mtp"], default="off",
+                   help="local generation: speculative decoding with the checkpoint's MTP layer "
+                        "(the output is unchanged; the draft acceptance goes to stderr)")
     p.add_argument("--request-id", action="append", default=[],
                    help="with --endpoint: the request id of each prompt, in order (--prompt-ids "
                         "first, then --prompt); default: cli-<random>-<n>, unique per run")
@@ -153,7 +156,8 @@ async def _generate_ep(args: argparse.Namespace, model, requests, tokenizer=None
             endpoints = [e.strip() for e in args.expert_endpoints.split(",") if e.strip()]
         client = await ExpertClient.connect(endpoints, wire=args.wire)
         try:
-            return await EPEngine(model, client).generate(requests, tokenizer)
+            engine = EPEngine(model, client)
+            return await engine.generate(requests, tokenizer, _drafter(args, model)), engine.stats
         finally:
             await client.close()
     finally:
@@ -201,6 +205,10 @@ def request_ids(given: list[str], prompts: int, prefix: str) -> list[str]:
     return list(given)
 
 
+def _drafter(args: argparse.Namespace, model):
+    return mtp_drafter(model) if args.speculative == "mtp" else None
+
+
 def _run(args: argparse.Namespace) -> int:
     from services.model.loader import load_model
 
@@ -208,6 +216,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.endpoint:
         if args.expert_workers or args.expert_endpoints:
             raise CliError("--endpoint sends to a cluster; it takes no --expert-* flags")
+        if args.speculative != "off":
+            raise CliError("--speculative is the cluster's choice (epserve up --speculative)")
         for row in asyncio.run(_generate_remote(args, params)):
             print(json.dumps(row) if args.json else row["text"])
         return 0
@@ -215,6 +225,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError("give --model DIR (local) or --endpoint HOST:PORT (a running cluster)")
     if args.request_id:
         raise CliError("--request-id names requests sent to a cluster: it needs --endpoint")
+
     if not Path(args.model).is_dir():
         raise CliError(f"model directory {args.model!r} does not exist")
     remote = bool(args.expert_workers or args.expert_endpoints)
@@ -223,18 +234,24 @@ def _run(args: argparse.Namespace) -> int:
     try:
         tokenizer = load_tokenizer(args.model)
         cfg = ModelConfig.from_dir(args.model)
-        model = load_model(args.model, experts=no_experts(cfg) if remote else None, dtype=args.dtype)
+        model = load_model(args.model, experts=no_experts(cfg) if remote else None, dtype=args.dtype,
+                           mtp=args.speculative == "mtp")
     except (ConfigError, CheckpointError, ValueError, OSError) as exc:
         raise CliError(str(exc)) from exc
     requests = [GenerationRequest(f"req-{i}", ids, params)
                 for i, ids in enumerate(prompt_ids(args, tokenizer))]
     try:
         if args.expert_workers or args.expert_endpoints:
-            completions = asyncio.run(_generate_ep(args, model, requests, tokenizer))
+            completions, stats = asyncio.run(_generate_ep(args, model, requests, tokenizer))
         else:
-            completions = ReferenceEngine(model, tokenizer=tokenizer).generate(requests)
+            engine = ReferenceEngine(model, tokenizer=tokenizer, drafter=_drafter(args, model))
+            completions, stats = engine.generate(requests), engine.stats
     except (ValueError, EPError) as exc:
         raise CliError(str(exc)) from exc
     print_completions(args, tokenizer, completions)
+    if stats.drafts is not None:  # on stderr: stdout keeps one line per prompt
+        print(f"speculative {args.speculative}: draft acceptance "
+              f"{stats.drafts.acceptance():.3f}, {stats.drafts.tokens_per_step:.2f} tokens "
+              "per sequence per decode step", file=sys.stderr)
     sys.stdout.flush()
     return 0

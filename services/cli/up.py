@@ -12,6 +12,7 @@ from services.common.errors import CliError
 from services.engine.microbatch import SPLIT_POLICIES
 from services.local.cluster import ClusterSpec, LocalCluster
 from services.local.procs import ServiceStartError
+from services.model.config import ModelConfig
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +42,10 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                       help="split every step the two flags above allow; by default each "
                            "instance measures whether two micro-batches pay and runs the "
                            "faster way")
+    p.add_argument("--speculative", choices=["off", "mtp"], default="off",
+                   help="speculative decoding on the decode instances: mtp drafts a token per "
+                        "step with the checkpoint's multi-token-prediction layer (output "
+                        "unchanged; make one with `epserve make-model --mtp`)")
     plan.add_argument("--trace-dir", default="",
                       help="every prefill/decode instance writes a Chrome trace DIR/<name>.json")
     eplb = p.add_argument_group("live expert rebalancing (off by default)")
@@ -73,6 +78,9 @@ def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
     if not Path(args.model, "config.json").is_file():
         raise CliError(f"{args.model!r} is not a checkpoint directory (no config.json); "
                        f"make one with: epserve make-model --preset v3-mini --out {args.model}")
+    if args.speculative == "mtp" and not ModelConfig.from_dir(args.model).num_nextn_predict_layers:
+        raise CliError(f"--speculative mtp: {args.model} has no multi-token-prediction layer "
+                       "(num_nextn_predict_layers is 0)")
     try:
         return ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode,
                            expert_workers=args.expert_workers,
@@ -81,7 +89,7 @@ def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
                            max_inflight=args.max_inflight, log_level=args.log_level,
                            micro_batches=args.micro_batches, split_policy=args.split_policy,
                            min_batch_tokens=args.min_batch_tokens,
-                           fixed_split=args.fixed_split,
+                           fixed_split=args.fixed_split, speculative=args.speculative,
                            trace_dir=str(Path(args.trace_dir).resolve()) if args.trace_dir else "",
                            link_latency_ms=args.link_latency_ms,
                            link_bandwidth_mbps=args.link_bandwidth_mbps,

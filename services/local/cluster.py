@@ -66,6 +66,8 @@ class ClusterSpec:
     split_policy: str | None = None
     min_batch_tokens: int | None = None
     fixed_split: bool = False
+    speculative: str = "off"  # decode instances' speculative decoding: off | mtp
+    speculative_decodes: int | None = None  # how many (the first ones) run it; None: all
     trace_dir: str = ""  # Chrome traces of every prefill/decode instance
     link_latency_ms: float | None = None  # a link proxy in front of each expert worker
     link_bandwidth_mbps: float | None = None
@@ -82,6 +84,8 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.expert_workers, self.routers) < 1:
             raise ValueError("need at least one router, prefill, decode and expert worker")
+        if self.speculative not in ("off", "mtp"):
+            raise ValueError(f"speculative must be off or mtp, got {self.speculative!r}")
         if self.nats_nodes not in (1, 3, 5):
             raise ValueError(f"nats_nodes must be 1, 3 or 5, got {self.nats_nodes}")
         if self.micro_batches is not None and self.micro_batches not in (1, 2):
@@ -106,6 +110,11 @@ class ClusterSpec:
                 + [f"prefill-{i}" for i in range(self.prefill)]
                 + [f"decode-{i}" for i in range(self.decode)]
                 + [f"router-{i}" for i in range(self.routers)])
+
+    def speculative_of(self, decode: int) -> str:
+        """decode-<decode>'s --speculative (a cluster may mix speculative and plain ones)."""
+        n = self.decode if self.speculative_decodes is None else self.speculative_decodes
+        return self.speculative if decode < n else "off"
 
     def prefix_cache_args(self) -> list[str]:
         if not self.kv_cache_dir:
@@ -247,6 +256,7 @@ class LocalCluster:
                          for i in range(s.prefill)]
                         + [(f"decode-{i}", "decode", ["--instance-id", f"decode-{i}", "--wire", s.wire,
                                                       "--kv-blocks", str(s.kv_blocks),
+                                                      "--speculative", s.speculative_of(i),
                                                       *self._trace_args(f"decode-{i}")])
                            for i in range(s.decode)], timeout)
             routers = []

@@ -25,8 +25,10 @@ QUICK_TABLE = HERE / "last_quick_run.md"  # `make test`'s subset only
 
 
 @pytest.fixture(scope="module")
-def chaos_cluster(tiny_model_dir):
-    cluster = harness.start_cluster(tiny_model_dir)
+def chaos_cluster(tiny_mtp_model_dir):
+    """Serves tiny with its MTP layer (tiny's weights otherwise): the reference engine runs
+    tiny plainly, so every scenario also checks speculative decoding against plain."""
+    cluster = harness.start_cluster(tiny_mtp_model_dir)
     try:
         asyncio.run(harness.wait_healthy(cluster))
         yield cluster

@@ -39,9 +39,12 @@ SETTLE_S = 2.0  # after health: heartbeats (0.5 s) reach the routers' views of t
 
 def chaos_spec(model_dir: str | Path) -> ClusterSpec:
     experts = ModelConfig.from_dir(model_dir).n_routed_experts
+    # decode-0 decodes speculatively (MTP), decode-1 plainly: requests migrate both ways
+    speculative = "mtp" if ModelConfig.from_dir(model_dir).num_nextn_predict_layers else "off"
     return ClusterSpec(model=str(model_dir), prefill=2, decode=2, expert_workers=4,
                        redundant_experts=experts, routers=2, restart=True, link_latency_ms=0.0,
-                       http_port=0, max_inflight=64)
+                       http_port=0, max_inflight=64, speculative=speculative,
+                       speculative_decodes=1)
 
 
 def start_cluster(model_dir: str | Path, log_dir: Path = LOG_DIR, attempts: int = 2

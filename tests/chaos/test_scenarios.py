@@ -59,7 +59,7 @@ def test_scenario(scenario: Scenario, chaos_cluster, reference_model, chaos_rows
     try:
         asyncio.run(harness.wait_healthy(chaos_cluster))
         outcome = asyncio.run(run_scenario(chaos_cluster, scenario, planned, expected,
-                                           Path(tiny_model_dir).resolve().name, decode,
+                                           Path(chaos_cluster.spec.model).resolve().name, decode,
                                            prefix))
     except Exception as exc:
         chaos_rows.append(Row(scenario.key, 0, 0, 0, 0, 0, None, None, None,
