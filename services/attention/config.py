@@ -21,6 +21,11 @@ class AttentionConfig(ServiceConfig):
                 "per layer per op; rewritten every few seconds and at shutdown"})
     trace_max_events: int = field(default=200_000, metadata={
         "help": "stop recording trace spans after this many (the file says how many dropped)"})
+    speculative: str = field(default="off", metadata={
+        "help": "speculative decoding with the checkpoint's multi-token-prediction layer: "
+                "mtp on a decode instance drafts one token per step (the output is "
+                "unchanged); on a prefill instance it runs the layer over each prompt and "
+                "sends its KV and first draft with the prompt's; off"})
     plan_poll_s: float = field(default=0.2, metadata={
         "help": "how often to read the scheduler's overlap plan from NATS KV"})
 
@@ -34,5 +39,7 @@ class AttentionConfig(ServiceConfig):
             raise ValueError("--dtype must be float32 or bfloat16")
         if self.trace_max_events <= 0:
             raise ValueError("--trace-max-events must be > 0")
+        if self.speculative not in ("off", "mtp"):
+            raise ValueError("--speculative must be off or mtp")
         if self.plan_poll_s <= 0:
             raise ValueError("--plan-poll-s must be > 0")

@@ -46,8 +46,8 @@ class AttentionService(Service):
         """Build `self.core` around `self.engine.forward`."""
 
     def loads_mtp(self) -> bool:
-        """Whether this instance drafts with the checkpoint's MTP layer (decode's choice)."""
-        return False
+        """Whether this instance runs the checkpoint's MTP layer (--speculative mtp)."""
+        return self.cfg.speculative == "mtp"
 
     def load(self) -> control_pb2.InstanceLoad:
         return self.core.load().to_proto()

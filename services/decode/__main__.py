@@ -18,9 +18,6 @@ from services.protos_gen.epserve.v1 import control_pb2, serving_pb2_grpc
 class DecodeService(AttentionService):
     role = "decode"
 
-    def loads_mtp(self) -> bool:
-        return self.cfg.speculative == "mtp"
-
     def build_core(self) -> None:
         cfg, mc = self.cfg, self.model_cfg
         mtp = self.loads_mtp()

@@ -14,13 +14,9 @@ class DecodeConfig(AttentionConfig):
     max_batch: int = field(default=64, metadata={"help": "most sequences per decode step"})
     admission_wait_s: float = field(default=30.0, metadata={
         "help": "how long a request waits for KV room before RESOURCE_EXHAUSTED"})
-    speculative: str = field(default="off", metadata={
-        "help": "speculative decoding: off, or mtp (draft one token per step with the "
-                "checkpoint's multi-token-prediction layer; the output is unchanged)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kv_blocks <= 0 or self.block_size <= 0 or self.max_batch <= 0:
             raise ValueError("--kv-blocks, --block-size and --max-batch must be > 0")
-        if self.speculative not in ("off", "mtp"):
-            raise ValueError("--speculative must be off or mtp")
+

@@ -20,6 +20,7 @@ from services.common.load import InstanceLoad
 from services.decode import metrics
 from services.engine.kv_budget import KVBudget, NeverFits
 from services.engine.kv_cache import LatentKVCache, SeqChunk
+from services.engine.kv_transfer import DraftKV
 from services.engine.overlap import compute_executor
 from services.engine.sampling import SamplingParams, TokenLogprobs
 from services.engine.sequence import Sequence
@@ -110,7 +111,10 @@ class DecodeCore:
 
     # ---- KV hand-over from prefill ----------------------------------------------------------
     def install_kv(self, request_id: str, latent: torch.Tensor, first_token: int,
-                   first_logprobs: TokenLogprobs | None = None) -> None:
+                   first_logprobs: TokenLogprobs | None = None, draft: DraftKV | None = None
+                   ) -> None:
+        """draft: the MTP layer's KV of the prompt and first draft, from a prefill that ran it
+        (used when this instance decodes speculatively, else ignored)."""
         slot = self.slots.get(request_id)
         if slot is None:
             raise Rejected("NOT_FOUND", f"no reservation for request {request_id}")
@@ -125,10 +129,24 @@ class DecodeCore:
         if slot.seq.params.logprobs is not None and first_logprobs is None:
             raise Rejected("INVALID_ARGUMENT", "the request asks for logprobs and the transfer "
                                                "carries none for its first token")
+        if draft is not None and self.speculation is not None:
+            self._check_draft(draft, len(slot.seq.prompt_ids))
         self.cache.write(request_id, latent)
+        if draft is not None and self.speculation is not None:
+            self.cache.write_draft(request_id, draft.start, draft.latent)
+            self.speculation.adopt(request_id, draft.start, draft.first_draft)
+            metrics.DRAFT_KV.inc()
         slot.kv_ready = True
         self._append(slot, first_token, first_logprobs)
         self._wake.set()
+
+    def _check_draft(self, draft: DraftKV, prompt_len: int) -> None:
+        want = (1, prompt_len - draft.start, self.cfg.latent_dim)
+        if not 0 <= draft.start < prompt_len or tuple(draft.latent.shape) != want:
+            raise Rejected("INVALID_ARGUMENT", f"draft KV of shape {list(draft.latent.shape)} "
+                                               f"from position {draft.start}, expected {list(want)}")
+        if not 0 <= draft.first_draft < self.cfg.vocab_size:
+            raise Rejected("INVALID_ARGUMENT", f"first draft {draft.first_draft} outside the vocab")
 
     # ---- the batch loop ---------------------------------------------------------------------
     def start(self) -> None:

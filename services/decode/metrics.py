@@ -17,3 +17,6 @@ DRAFT_TOKENS = Counter("epserve_decode_spec_draft_tokens_total",
                        "speculative draft tokens verified, by draft position", ["position"])
 ACCEPTED_TOKENS = Counter("epserve_decode_spec_accepted_tokens_total",
                           "speculative draft tokens accepted, by draft position", ["position"])
+DRAFT_KV = Counter("epserve_decode_spec_draft_kv_total",
+                   "KV transfers whose MTP-layer KV of the prompt and first draft were used "
+                   "(from a prefill with --speculative mtp)")

@@ -101,7 +101,7 @@ class DecodeServicer(serving_pb2_grpc.DecodeServicer):
             latent = asm.tensor(self.dtype)
             with bind_request(asm.request_id):
                 self.core.install_kv(asm.request_id, latent, asm.first_token,
-                                     asm.first_token_logprobs)
+                                     asm.first_token_logprobs, asm.draft(self.dtype))
                 log.info("kv_installed", tokens=latent.shape[1], bytes=asm.received)
         except (TransferError, Rejected) as exc:
             metrics.KV_TRANSFERS.labels(outcome=exc.code.lower()).inc()

@@ -91,15 +91,17 @@ class EPEngine:
                       caches: list[torch.Tensor], micro_batch: int = 0,
                       step_id: int | None = None) -> torch.Tensor:
         """One step over the batch: logits [B, V] of each sequence's last token."""
-        return await self._forward(input_ids, batch, caches, micro_batch, step_id, False)
+        return await self._forward(input_ids, batch, caches, micro_batch, step_id, "last")
 
     async def forward_tokens(self, input_ids: torch.Tensor, batch: AttentionBatch,
-                             caches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step: every token's logits [T, V] and final-normed hidden [T, H] (speculative
-        decoding's verification step)."""
-        return await self._forward(input_ids, batch, caches, 0, None, True)
+                             caches: list[torch.Tensor], all_logits: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: every token's logits [T, V] (all_logits=False: each sequence's last) and
+        every token's final-normed hidden [T, H], as DeepseekModel.forward_tokens."""
+        return await self._forward(input_ids, batch, caches, 0, None,
+                                   "tokens" if all_logits else "last+hidden")
 
-    async def _forward(self, input_ids, batch, caches, micro_batch, step_id, all_tokens):
+    async def _forward(self, input_ids, batch, caches, micro_batch, step_id, outputs):
         """A step that failed because an expert worker died or stalled is redone (the client now
         routes around that worker), for up to `redo_window_s`; when an expert has no live
         replica the redo waits for a worker to come back or a new topology. Redoing is safe:
@@ -113,7 +115,7 @@ class EPEngine:
         while True:
             try:
                 return await self._step(input_ids, batch, caches, micro_batch, step_id,
-                                        all_tokens)
+                                        outputs)
             except EPError as exc:
                 step_id = None  # a redone step gets a fresh id
                 left = give_up - loop.time()
@@ -136,7 +138,7 @@ class EPEngine:
                 if self._next_client is not None:
                     await self._adopt_next_client()
 
-    async def _step(self, input_ids, batch, caches, micro_batch, step_id, all_tokens):
+    async def _step(self, input_ids, batch, caches, micro_batch, step_id, outputs):
         t0 = time.perf_counter()
         plan, client = self.plan, self.client  # read once: changes apply from the next step
         version = int(getattr(plan, "version", 0))
@@ -158,7 +160,7 @@ class EPEngine:
                                            version=version)
                 TUNED_SINGLE_STEPS.inc()
         logits, self.last_forward = await OverlappedStep(
-            self.model, client, input_ids, batch, caches, step_id, self.tracer, all_tokens).run(
+            self.model, client, input_ids, batch, caches, step_id, self.tracer, outputs).run(
                 run_plan, micro_batch)
         if tuned:
             self.tuner.record(phase, batch.num_tokens, self.last_forward.micro_batches,
@@ -187,8 +189,9 @@ class EPEngine:
                               self.model.device, self.record_logits, self.stats, tokenizer,
                               drafter)
         while (step := loop.next_step()) is not None:
-            forward = self.forward_tokens if loop.wants_hidden else self.forward
-            output = await forward(step.input_ids, step.batch, loop.cache.layers)
+            args, kind = (step.input_ids, step.batch, loop.cache.layers), loop.outputs
+            output = await (self.forward(*args) if kind == "last" else
+                            self.forward_tokens(*args, all_logits=kind == "tokens"))
             await asyncio.get_running_loop().run_in_executor(compute_executor(), loop.consume,
                                                              step, output)
         return loop.completions()

@@ -122,5 +122,19 @@ class LatentKVCache:
         for layer, values in zip(self.layers, latent, strict=True):
             layer[idx.to(layer.device)] = values.to(layer.dtype)
 
+    def read_draft(self, seq_id: str, start: int, stop: int) -> torch.Tensor:
+        """[draft layers, stop - start, latent_dim]: the draft layers' KV of positions
+        [start, stop) (what a prefill sends with the prompt's KV)."""
+        idx = torch.tensor(self.allocator.slots(seq_id, start, stop), dtype=torch.long)
+        return torch.stack([layer[idx.to(layer.device)] for layer in self.draft_layers])
+
+    def write_draft(self, seq_id: str, start: int, latent: torch.Tensor) -> None:
+        """Install the draft layers' KV of positions [start, start + n) (the sequence's blocks
+        must hold them: write() its prompt first)."""
+        idx = torch.tensor(self.allocator.slots(seq_id, start, start + latent.shape[1]),
+                           dtype=torch.long)
+        for layer, values in zip(self.draft_layers, latent, strict=True):
+            layer[idx.to(layer.device)] = values.to(layer.dtype)
+
     def free(self, seq_id: str) -> None:
         self.allocator.free(seq_id)

@@ -1,13 +1,13 @@
 """The MTP layer as a drafter (services/engine/speculative.py's Drafter).
 
-After each step the MTP layer runs over the positions the step settled: at position i it takes
-the accepted token of i+1 and the target's hidden state at i, writes its own latent KV at i
-(the cache's draft layer, in the sequence's slots) and proposes the token of i+2 (argmax). Its
-attention context starts at the first position it ran for the sequence, the first decode step
-on this instance: the prompt's positions have no MTP KV, since prefill does not run the MTP
-layer (the hidden state it takes carries the prompt's context). A migrated sequence starts
-again on its new instance. The draft never changes the output, only how many tokens a step
-yields.
+The MTP layer runs over the positions each step settled: at position i it takes the token of
+i+1 and the target's hidden state at i, writes its own latent KV at i (the cache's draft
+layer, in the sequence's slots) and proposes the token of i+2 (argmax). A prefill runs it over
+the prompt (each position followed by the next prompt token, the last by token 0), so its
+attention context starts at the first position it ran for the sequence: 0, or after a prefix
+cache hit the first position prefill computed (a cached page holds no MTP KV), or, when the
+prefill did not run it, the first decode step on this instance. The draft never changes the
+output, only how many tokens a step yields.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class MTPDrafter:
         logits = model.mtp.draft_logits(tokens, hidden, batch, self.cache.draft_layers[0],
                                         model.rotary, model.cos_sin(batch.positions))
         return logits[batch.last_token_indices().to(device)].argmax(dim=-1).tolist()
+
+    def adopt(self, seq_id: str, start: int) -> None:
+        """The sequence's draft-layer KV from `start` on is in the cache (sent by prefill)."""
+        self._start[seq_id] = start
 
     def forget(self, seq_id: str) -> None:
         self._start.pop(seq_id, None)

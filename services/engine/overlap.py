@@ -128,6 +128,8 @@ class _Carry:
     ids: torch.Tensor | None = None
 
 
+OUTPUTS = ("last", "tokens", "last+hidden")
+
 # ---- the step --------------------------------------------------------------------------------
 
 class OverlappedStep:
@@ -141,10 +143,13 @@ class OverlappedStep:
 
     def __init__(self, model, client, input_ids: torch.Tensor, batch: AttentionBatch,
                  caches, step_id: int, tracer: ChromeTrace | None = None,
-                 all_tokens: bool = False) -> None:
-        """all_tokens: run() returns every token's (logits, final-normed hidden), as a
-        speculative step needs, instead of each sequence's last logits."""
-        self.all_tokens = all_tokens
+                 outputs: str = "last") -> None:
+        """outputs: what run() returns: "last", each sequence's last logits; "tokens", every
+        token's (logits, final-normed hidden), as a speculative step needs; "last+hidden", the
+        last logits and every token's hidden (a prefill feeding the MTP draft layer)."""
+        if outputs not in OUTPUTS:
+            raise ValueError(f"outputs must be one of {OUTPUTS}, got {outputs!r}")
+        self.outputs = outputs
         self.model, self.client, self.input_ids, self.batch = model, client, input_ids, batch
         self.caches, self.step_id, self.tracer = caches, step_id, tracer
         self.compute_s = 0.0
@@ -247,8 +252,8 @@ class OverlappedStep:
         return self.cut not in ends
 
     async def run(self, plan, micro_batch: int = 0) -> tuple[object, ForwardStats]:
-        """logits [B, V] of each sequence's last token (all_tokens: (logits [T, V], hidden
-        [T, H])), and how the step went (the step's span goes to the tracer)."""
+        """What `outputs` names (default: logits [B, V] of each sequence's last token), and
+        how the step went (the step's span goes to the tracer)."""
         t0 = time.perf_counter()
         self.cut = plan_cut(self.batch, plan, self.model.cfg)
         self.parts = micro_batches(self.batch, self.cut)
@@ -256,8 +261,8 @@ class OverlappedStep:
         runs = [self._run(mb, micro_batch if len(self.parts) == 1 else mb.index)
                 for mb in self.parts]
         hs = await _all_or_first_error(runs)
-        last = None if self.all_tokens else self.batch.last_token_indices()
-        logits = await self._hop(-1, _logits_op, self.model, hs, last)
+        last = None if self.outputs == "tokens" else self.batch.last_token_indices()
+        logits = await self._hop(-1, _logits_op, self.model, hs, last, self.outputs != "last")
         t1 = time.perf_counter()
         stats = ForwardStats(self.step_id, "decode" if self.decode else "prefill",
                              self.batch.num_tokens, len(self.parts), self.cut,
@@ -296,11 +301,13 @@ def _shared_op(clock: _Clock, layer_id: int, layer, x):
     return clock("SHARED", layer_id, layer.shared_expert, x)
 
 
-def _logits_op(clock: _Clock, model, hs, last):
-    """Each sequence's last logits, or with last=None every token's logits and hidden."""
+def _logits_op(clock: _Clock, model, hs, last, hidden: bool):
+    """The logits of rows `last` (None: every token), with every token's hidden if asked."""
     def logits():
         h = hs[0] if len(hs) == 1 else torch.cat(hs)
-        return model.logits_and_hidden(h) if last is None else model.logits(h[last.to(h.device)])
+        if hidden:
+            return model.logits_and_hidden(h, last)
+        return model.logits(h[last.to(h.device)])
 
     return clock("LOGITS", -1, logits)
 

@@ -18,7 +18,7 @@ from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.mtp_drafter import MTPDrafter
 from services.engine.sampling import SamplingParams, TokenLogprobs
 from services.engine.sequence import Sequence
-from services.engine.speculative import DraftStats, Speculation, VerifyPlan
+from services.engine.speculative import DraftInput, DraftStats, Speculation, VerifyPlan
 from services.engine.stop_strings import StopText
 from services.model.batch import AttentionBatch
 from services.model.config import ModelConfig
@@ -142,14 +142,16 @@ class GenerationLoop:
         return Step("decode", torch.tensor(ids, dtype=torch.long), self.cache.batch(chunks))
 
     @property
-    def wants_hidden(self) -> bool:
-        """The step just planned needs every token's logits and hidden state (forward_tokens),
-        not only each sequence's last logits."""
-        return self._plan is not None
+    def outputs(self) -> str:
+        """What the step just planned needs of the forward (overlap.OUTPUTS): "last", each
+        sequence's last logits; with speculation, "tokens" in decode (every token's logits
+        and hidden) and "last+hidden" in prefill (the MTP layer runs over the prompt)."""
+        if self.speculation is None:
+            return "last"
+        return "tokens" if self._plan is not None else "last+hidden"
 
     def consume(self, step: Step, output) -> None:
-        """output: the forward's logits [B, V], or (logits [T, V], hidden [T, H]) when
-        wants_hidden."""
+        """output: what `outputs` asked for: the logits, or (logits, hidden)."""
         before = sum(len(s.output_ids) for s in self._running)
         if self._plan is not None:
             logits, hidden = output
@@ -157,8 +159,11 @@ class GenerationLoop:
             inputs = self.speculation.settle(plan, logits.float().cpu(), hidden, self._append)
             self.speculation.draft(inputs)
         else:
-            for s, row in zip(self._running, output.float().cpu(), strict=True):
+            logits, hidden = output if self.speculation is not None else (output, None)
+            for s, row in zip(self._running, logits.float().cpu(), strict=True):
                 self._append(s, *s.sample(row), row)
+            if hidden is not None:  # the prompt's positions get the draft layer's KV
+                self.speculation.draft(prompt_draft_inputs(self._running, hidden))
         seconds = time.perf_counter() - self._t0
         if step.phase == "prefill":
             self._prefilled = True
@@ -190,6 +195,20 @@ class GenerationLoop:
         return out
 
 
+def prompt_draft_inputs(seqs: list[Sequence], hidden: torch.Tensor) -> list[DraftInput]:
+    """After a prefill of whole prompts (hidden [T, H], the prompts end to end): what the
+    drafter needs to run over every prompt position, each followed by the next prompt token
+    and, at the last one, the token just sampled."""
+    out, at = [], 0
+    for s in seqs:
+        n = len(s.prompt_ids)
+        if not s.finished:
+            out.append(DraftInput(s, 0, s.prompt_ids[1:] + s.output_ids[:1],
+                                  hidden[at:at + n]))
+        at += n
+    return out
+
+
 class ReferenceEngine:
     def __init__(self, model: DeepseekModel, block_size: int = 64, record_logits: bool = False,
                  routed_fns=None, tokenizer=None, drafter=None):
@@ -212,9 +231,11 @@ class ReferenceEngine:
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         loop = self.loop(requests)
         while (step := loop.next_step()) is not None:
-            forward = self.model.forward_tokens if loop.wants_hidden else self.model
-            loop.consume(step, forward(step.input_ids.to(self.model.device), step.batch,
-                                       loop.cache.layers, self.routed_fns))
+            args = (step.input_ids.to(self.model.device), step.batch, loop.cache.layers,
+                    self.routed_fns)
+            kind = loop.outputs
+            loop.consume(step, self.model(*args) if kind == "last" else
+                         self.model.forward_tokens(*args, all_logits=kind == "tokens"))
         return loop.completions()
 
 

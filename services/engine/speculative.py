@@ -142,6 +142,14 @@ class Speculation:
             for i, token in zip(inputs, self.drafter.propose(inputs), strict=True):
                 self._drafts[i.seq.request_id] = token
 
+    def adopt(self, seq_id: str, start: int, draft: int) -> None:
+        """A sequence arrives with its draft layer's KV from `start` on (a prefill ran the
+        drafter over its prompt) and the draft for its first decode step."""
+        self._drafts[seq_id] = draft
+        adopt = getattr(self.drafter, "adopt", None)
+        if adopt is not None:
+            adopt(seq_id, start)
+
     def forget(self, seq_id: str) -> None:
         self._drafts.pop(seq_id, None)
         self.drafter.forget(seq_id)

@@ -250,7 +250,9 @@ class LocalCluster:
             else:
                 self._stage([(f"expert-worker-{r}", "expert-worker", ["--rank", str(r)])
                              for r in range(s.expert_workers)], timeout)
+            # prefill runs the MTP layer over prompts when any decode instance drafts with it
             self._stage([(f"prefill-{i}", "prefill", ["--instance-id", f"prefill-{i}", "--wire", s.wire,
+                                                      "--speculative", s.speculative,
                                                       *s.prefix_cache_args(),
                                                       *self._trace_args(f"prefill-{i}")])
                          for i in range(s.prefill)]

@@ -8,6 +8,7 @@ import sys
 import structlog
 
 from services.attention.service import AttentionService
+from services.engine.mtp_drafter import MTPDrafter
 from services.prefill import metrics
 from services.prefill.config import PrefillConfig
 from services.prefill.core import PrefillCore
@@ -32,9 +33,12 @@ class PrefillService(AttentionService):
         if cfg.kv_cache_dir:
             self.prefix = PrefixSetup(cfg, self.model_cfg, self.dtype)
             self.reuse = PrefixReuse(self.prefix.cache)
+        model = self.engine.model
+        drafter = (lambda cache: MTPDrafter(model, cache)) if self.loads_mtp() else None
         self.core = PrefillCore(self.model_cfg, self.engine.forward, self.dtype, cfg.device,
                                 cfg.max_batch_tokens, cfg.max_queue, cfg.block_size,
-                                prefix=self.reuse, chunk_tokens=cfg.chunk_tokens)
+                                prefix=self.reuse, chunk_tokens=cfg.chunk_tokens,
+                                drafter=drafter, forward_tokens=self.engine.forward_tokens)
         self.servicer = PrefillServicer(self.core, self.instance_id, cfg.transfer_timeout_s,
                                         cfg.kv_chunk_bytes)
 

@@ -85,10 +85,12 @@ class PrefillServicer(serving_pb2_grpc.PrefillServicer):
             metrics.PREFILL_SECONDS.observe(out.seconds)
             t0 = time.perf_counter()
             nbytes = out.latent.numel() * out.latent.element_size()
+            if out.draft is not None:
+                nbytes += out.draft.latent.numel() * out.draft.latent.element_size()
             try:
                 ack = await self._decode_stub(request.decode_endpoint).TransferKV(
                     kv_chunks(rid, out.latent, out.first_token, self.chunk_bytes,
-                              out.first_logprobs),
+                              out.first_logprobs, out.draft),
                     timeout=transfer_deadline(nbytes, self.transfer_timeout_s))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # an earlier attempt's arrived

@@ -1,5 +1,6 @@
-"""Speculative decoding (MTP) through the cluster: the decode instance drafts with the
-checkpoint's MTP layer, and the outputs, through the router, with the prefix cache warm and
+"""Speculative decoding (MTP) through the cluster: the prefill instance runs the checkpoint's
+MTP layer over each prompt and sends its KV and first draft with the prompt's, the decode
+instance drafts with it, and the outputs, through the router, with the prefix cache warm and
 cold, equal the plain reference engine's (master invariant). tiny_mtp's main weights are
 tiny's, so tiny's reference engine is plain decoding of the same model. Decode failover with
 a speculative instance is in the chaos suite (its decode-0 runs MTP, decode-1 does not)."""
@@ -57,3 +58,5 @@ def test_speculative_cluster_equals_plain_reference_cold_and_warm(cluster, tiny_
     m = decode_metrics(cluster)
     drafted = sum(v for k, v in m.items() if k.startswith("epserve_decode_spec_draft_tokens_total"))
     assert drafted > 0, "the decode instance verified MTP drafts"
+    assert m["epserve_decode_spec_draft_kv_total"] == 2 * len(reqs), \
+        "every transfer carried the prompt's MTP KV and first draft"

@@ -109,7 +109,7 @@ class PrefillResult(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., first_token: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "index", "last", "data", "dtype", "shape", "first_token", "total_bytes", "sha256", "first_token_logprobs")
+    __slots__ = ("request_id", "index", "last", "data", "dtype", "shape", "first_token", "total_bytes", "sha256", "first_token_logprobs", "draft_from", "draft_tokens", "first_draft")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,9 @@ class KVChunk(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FROM_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_DRAFT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     last: bool
@@ -130,7 +133,10 @@ class KVChunk(_message.Message):
     total_bytes: int
     sha256: bytes
     first_token_logprobs: _inference_pb2.TokenLogprobs
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., first_token_logprobs: _Optional[_Union[_inference_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
+    draft_from: int
+    draft_tokens: int
+    first_draft: int
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., first_token_logprobs: _Optional[_Union[_inference_pb2.TokenLogprobs, _Mapping]] = ..., draft_from: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., first_draft: _Optional[int] = ...) -> None: ...
 
 class KVTransferAck(_message.Message):
     __slots__ = ("request_id", "bytes")
