@@ -167,11 +167,14 @@ class DeepseekModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h)).float()
 
-    def logits_and_hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last layer's output h [T, H] -> (fp32 logits [T, V], final-normed hidden [T, H]):
-        what a speculative step needs of every token, the MTP draft taking the hidden state."""
+    def logits_and_hidden(self, h: torch.Tensor, rows: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's output h [T, H] -> (fp32 logits of `rows` (default every token),
+        final-normed hidden [T, H]): what speculative decoding needs, the MTP draft layer
+        taking the hidden state."""
         normed = self.model.norm(h)
-        return self.lm_head(normed).float(), normed
+        picked = normed if rows is None else normed[rows.to(normed.device)]
+        return self.lm_head(picked).float(), normed
 
     def expert_banks(self) -> dict[int, nn.Module]:
         return {layer.layer_id: layer.mlp.experts for layer in self.layers if layer.is_moe}
@@ -194,10 +197,12 @@ class DeepseekModel(nn.Module):
     @torch.inference_mode()
     def forward_tokens(self, input_ids: torch.Tensor, batch: AttentionBatch,
                        caches: Sequence[torch.Tensor], routed_fns: Mapping[int, RoutedFn] | None
-                       = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every new token's fp32 logits [T, V] and final-normed hidden state [T, H] (a
-        speculative verification step)."""
-        return self.logits_and_hidden(self._hidden(input_ids, batch, caches, routed_fns))
+                       = None, all_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits of every new token [T, V] (all_logits=False: of each sequence's last,
+        [B, V]) and every new token's final-normed hidden state [T, H]: a speculative
+        verification step, or a prefill that feeds the MTP draft layer."""
+        rows = None if all_logits else batch.last_token_indices()
+        return self.logits_and_hidden(self._hidden(input_ids, batch, caches, routed_fns), rows)
 
     def forward_with_grad(
         self,
