@@ -8,6 +8,7 @@ import time
 
 import nats
 import openai
+import pytest
 import torch
 
 from services.client import InferenceClient, RemoteCompletion
@@ -35,6 +36,26 @@ def openai_client(cluster: LocalCluster, api_key: str = "unused") -> openai.Open
     """The real `openai` client on router-0's HTTP API: no retries, a minute per call."""
     return openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key=api_key, max_retries=0,
                          timeout=60)
+
+
+def http_cluster_fixtures(max_inflight: int = 16):
+    """A module's `cluster` (tiny model, one prefill, decode and router, two expert workers,
+    the HTTP API on a free port) and `client` (the real openai client on it) fixtures:
+    `cluster, client = http_cluster_fixtures()` at module level."""
+
+    @pytest.fixture(scope="module")
+    def cluster(tiny_model_dir):
+        c = start(ClusterSpec(model=str(tiny_model_dir), prefill=1, decode=1, expert_workers=2,
+                              http_port=0, max_inflight=max_inflight))
+        yield c
+        c.stop()
+
+    @pytest.fixture(scope="module")
+    def client(cluster) -> openai.OpenAI:
+        with openai_client(cluster) as c:
+            yield c
+
+    return cluster, client
 
 
 def workload(vocab: int, seed: int = 7) -> list[GenerationRequest]:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from services.local.cluster import ClusterSpec
 from services.router.openai_params import MAX_GENERATIONS
-from tests.integration.cluster_helpers import openai_client, start
+from tests.integration.cluster_helpers import http_cluster_fixtures
 from tests.integration.test_openai_conformance import (
     completion_chunk_finish_reason_nullable,
     conforms,
@@ -32,18 +31,7 @@ SEEDED = {"temperature": 1.0, "seed": 40, "max_tokens": MAX_TOKENS,
           "extra_body": {"ignore_eos": True}}
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
-    c = start(ClusterSpec(model=str(tiny_model_dir), prefill=1, decode=1, expert_workers=2,
-                          http_port=0, max_inflight=16))
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cluster) -> openai.OpenAI:
-    with openai_client(cluster) as c:
-        yield c
+cluster, client = http_cluster_fixtures(max_inflight=16)
 
 
 def alone(client, prompts, n: int = 1, **kwargs) -> list:

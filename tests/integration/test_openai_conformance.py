@@ -20,8 +20,7 @@ import urllib.request
 import openai
 import pytest
 
-from services.local.cluster import ClusterSpec
-from tests.integration.cluster_helpers import openai_client, start
+from tests.integration.cluster_helpers import http_cluster_fixtures
 from tests.openai_schema import errors
 
 MAX_TOKENS = 6
@@ -30,18 +29,7 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
-    c = start(ClusterSpec(model=str(tiny_model_dir), prefill=1, decode=1, expert_workers=2,
-                          http_port=0, max_inflight=16))
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cluster) -> openai.OpenAI:
-    with openai_client(cluster) as c:
-        yield c
+cluster, client = http_cluster_fixtures(max_inflight=16)
 
 
 @pytest.fixture(scope="module")

@@ -13,35 +13,22 @@ from __future__ import annotations
 import asyncio
 import json
 
-import openai
 import pytest
 
 from services.client import InferenceClient
 from services.engine.compare import LOGIT_TOL
 from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
-from services.local.cluster import ClusterSpec
 from services.model.loader import load_model
 from services.model.tokenizer import Tokenizer
-from tests.integration.cluster_helpers import openai_client, start
+from tests.integration.cluster_helpers import http_cluster_fixtures
 from tests.openai_schema import errors
 
 PROMPT = "the quick brown fox"
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
-    c = start(ClusterSpec(model=str(tiny_model_dir), prefill=1, decode=1, expert_workers=2,
-                          http_port=0, max_inflight=32))
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cluster) -> openai.OpenAI:
-    with openai_client(cluster) as c:
-        yield c
+cluster, client = http_cluster_fixtures(max_inflight=32)
 
 
 @pytest.fixture(scope="module")
