@@ -12,6 +12,9 @@ come from real routing. Prompts are speaker names as the plays set them (`Romeo.
 `BRUTUS.` and `MALVOLIO.` speak only in the held-out plays) and a few lines it never read.
 Every request samples with its own seed (temperature 0.8, top-p 0.95): a model this small
 loops when greedy, and seeded sampling is exact in this system, so a rerun prints the same.
+A checkpoint with an MTP layer (bard-moe has one) is served with speculative decoding
+(`--speculative mtp`); the summary says how many drafts decode accepted. The text is the same
+either way.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import time
 from pathlib import Path
 
 from services.client import InferenceClient, RemoteCompletion
+from services.common.metrics_http import scrape_metrics
 from services.economics import money
 from services.engine.sampling import SamplingParams
 from services.ledger.report import live_report, read_live
 from services.local.cluster import ClusterSpec, LocalCluster
+from services.model.config import ModelConfig
 from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "bard-moe"
@@ -112,6 +117,17 @@ def print_summary(done: list[RemoteCompletion], wall: float, loads: dict[str, in
         print(f"  balancedness (mean/max) {mean / max(loads.values()):.3f}")
 
 
+def print_drafts(metrics_url: str) -> None:
+    """Speculative decoding's tally, from the decode instance's metrics."""
+    m = scrape_metrics(metrics_url)
+    drafted = sum(v for k, v in m.items() if k.startswith("epserve_decode_spec_draft_tokens_total"))
+    accepted = sum(v for k, v in m.items()
+                   if k.startswith("epserve_decode_spec_accepted_tokens_total"))
+    share = f" ({100 * accepted / drafted:.1f}%)" if drafted else ""
+    print(f"speculative   MTP drafts accepted {accepted:,.0f} of {drafted:,.0f}{share}: "
+          f"{accepted:,.0f} decode steps saved, the text unchanged")
+
+
 def print_margin(nats_url: str, requests: int, wait_s: float = 30.0, tls_dir: str = "") -> None:
     """The workload's own economics, from the cluster's ledger (what `epserve economics live`
     prints), once it has billed every request (or after `wait_s`)."""
@@ -134,9 +150,16 @@ def print_margin(nats_url: str, requests: int, wait_s: float = 30.0, tls_dir: st
           "most of the time)")
 
 
+def speculative(args: argparse.Namespace) -> str:
+    """--speculative auto: mtp when the checkpoint has an MTP layer."""
+    if args.speculative != "auto":
+        return args.speculative
+    return "mtp" if ModelConfig.from_dir(args.model).num_nextn_predict_layers else "off"
+
+
 def run_cluster(args: argparse.Namespace) -> int:
     spec = ClusterSpec(model=args.model, prefill=1, decode=1, expert_workers=args.expert_workers,
-                       redundant_experts=args.redundant_experts)
+                       redundant_experts=args.redundant_experts, speculative=speculative(args))
     print(f"starting the cluster: NATS, scheduler, ledger, {spec.expert_workers} expert workers, "
           f"1 prefill, 1 decode, router (each its own process) ...", flush=True)
     t0 = time.perf_counter()
@@ -148,6 +171,8 @@ def run_cluster(args: argparse.Namespace) -> int:
         for i, c in enumerate(done[: len(PROMPTS)]):
             print_completion(PROMPTS[i % len(PROMPTS)], c.text)
         print_summary(done, wall, asyncio.run(expert_loads(cluster)))
+        if spec.speculative == "mtp":
+            print_drafts(cluster.metrics_urls["decode-0"])
         print_margin(cluster.nats_url, len(done),
                      tls_dir=str(cluster.tls.dir("operator")) if cluster.tls else "")
         print("\nstopping the cluster ...", flush=True)
@@ -156,13 +181,14 @@ def run_cluster(args: argparse.Namespace) -> int:
 
 
 def run_local(args: argparse.Namespace) -> int:
-    from services.engine.reference import GenerationRequest, ReferenceEngine
+    from services.engine.reference import GenerationRequest, ReferenceEngine, mtp_drafter
     from services.model.loader import load_model
     from services.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(args.model)
-    model = load_model(args.model)
-    engine = ReferenceEngine(model)
+    mtp = speculative(args) == "mtp"
+    model = load_model(args.model, mtp=mtp)
+    engine = ReferenceEngine(model, drafter=mtp_drafter(model) if mtp else None)
     requests = [GenerationRequest(f"demo-{i}", tok.encode(p), demo_params(i, args.max_tokens))
                 for i, p in enumerate(PROMPTS)]
     for prompt, c in zip(PROMPTS, engine.generate(requests), strict=True):
@@ -171,6 +197,9 @@ def run_local(args: argparse.Namespace) -> int:
     print(f"\nprefill: {s.prefill_tokens} tokens, {s.prefill_tok_s:,.0f} tok/s")
     print(f"decode:  {s.decode_tokens} tokens in {s.decode_steps} steps, "
           f"{s.decode_tok_s:,.1f} tok/s")
+    if s.drafts is not None:
+        print(f"speculative: MTP draft acceptance {s.drafts.acceptance():.1%}, "
+              f"{s.drafts.tokens_per_step:.2f} tokens per sequence per step")
     return 0
 
 
@@ -186,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--expert-workers", type=int, default=4)
     ap.add_argument("--redundant-experts", type=int, default=4)
+    ap.add_argument("--speculative", choices=["auto", "off", "mtp"], default="auto",
+                    help="MTP speculative decoding (auto: when the checkpoint has the layer)")
     ap.add_argument("--local", action="store_true", help="reference engine only, no cluster")
     args = ap.parse_args(argv)
     return run_local(args) if args.local else run_cluster(args)
