@@ -214,7 +214,7 @@ def test_openai_http_client_going_away_frees_the_decode_slot(cluster):
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be > 0"),
     ({"prompt": "hi", "stop": [""]}, "stop strings must be 1..256 characters"),
     ({"prompt": "hi", "max_tokens": 4, "top_p": 2}, "top_p must be in (0, 1]"),
-    ({"prompt": 5}, "prompt must be a string or a list of token ids"),
+    ({"prompt": 5}, "prompt must be a string, a list of token ids"),
 ])
 def test_openai_http_errors_are_400_json(cluster, body, fragment):
     status, raw = _http(cluster, "/v1/completions", body)
