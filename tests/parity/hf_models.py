@@ -75,3 +75,20 @@ def build(case: str, out: Path, seed: int = 0):
     model.eval()
     model.save_pretrained(out)
     return model
+
+
+def hf_greedy(hf, prompts: list[list[int]], new_tokens: int
+              ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """transformers' greedy generation of each prompt alone (EOS never stops it): the new ids
+    and the fp32 logits each came from, what assert_same_greedy compares against."""
+    hf.generation_config.eos_token_id = None
+    tokens, logits = [], []
+    for p in prompts:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True,
+                              attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              pad_token_id=2)
+        tokens.append(out.sequences[0, len(p):].tolist())
+        logits.append([row[0].float() for row in out.logits])
+    return tokens, logits

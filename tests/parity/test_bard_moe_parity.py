@@ -19,6 +19,7 @@ from services.engine.sampling import SamplingParams
 from services.model.config import ModelConfig
 from services.model.loader import load_model
 from services.model.tokenizer import Tokenizer
+from tests.parity.hf_models import hf_greedy
 
 BARD = Path(__file__).resolve().parents[2] / "checkpoints" / "bard-moe"
 PROMPTS = ("Romeo.\n", "BRUTUS.\nFriends, Romans,", "The serving system routes each token",
@@ -57,16 +58,7 @@ def test_transformers_tokenises_like_ours():
 def test_greedy_tokens_match_transformers(bard):
     hf, ours, tok = bard
     prompts = [tok.encode(p) for p in PROMPTS]
-    hf.generation_config.eos_token_id = None
-    want_tokens, want_logits = [], []
-    for p in prompts:
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True,
-                              attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              pad_token_id=2)
-        want_tokens.append(out.sequences[0, len(p):].tolist())
-        want_logits.append([row[0].float() for row in out.logits])
+    want_tokens, want_logits = hf_greedy(hf, prompts, NEW_TOKENS)
     engine = ReferenceEngine(ours, block_size=16, record_logits=True)
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     got = engine.generate([GenerationRequest(f"b{i}", p, params) for i, p in enumerate(prompts)])

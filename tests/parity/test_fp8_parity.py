@@ -20,6 +20,7 @@ from services.engine.sampling import SamplingParams
 from services.model.checkpoint_gen import make_model
 from services.model.loader import load_model
 from tests.fp8_reference import write_dequantized_copy
+from tests.parity.hf_models import hf_greedy
 
 PROMPTS = ([3, 17, 250, 9, 44, 101, 7], [12, 300], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [400])
 NEW_TOKENS = 32
@@ -54,16 +55,7 @@ def test_prefill_logits_match(pair, tiny_model_dir):
 
 def test_greedy_generation_matches(pair):
     hf, ours = pair
-    hf.generation_config.eos_token_id = None
-    want_tokens, want_logits = [], []
-    for p in PROMPTS:
-        with torch.no_grad():
-            res = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True,
-                              attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              pad_token_id=2)
-        want_tokens.append(res.sequences[0, len(p):].tolist())
-        want_logits.append([row[0].float() for row in res.logits])
+    want_tokens, want_logits = hf_greedy(hf, PROMPTS, NEW_TOKENS)
     engine = ReferenceEngine(ours, block_size=16, record_logits=True)
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     got = engine.generate([GenerationRequest(f"r{i}", p, params) for i, p in enumerate(PROMPTS)])

@@ -14,7 +14,7 @@ from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
 from services.model.batch import contiguous_batch
 from services.model.loader import load_model
-from tests.parity.hf_models import CASES, build
+from tests.parity.hf_models import CASES, build, hf_greedy
 
 PROMPT_LENS = (3, 11, 7, 1)
 NEW_TOKENS = 32
@@ -53,16 +53,7 @@ def test_prefill_logits_match(pair):
 def test_greedy_generation_matches(pair):
     case, hf, ours = pair
     prompts = _prompts(ours.cfg.vocab_size, seed=2)
-    hf.generation_config.eos_token_id = None
-    want_tokens, want_logits = [], []
-    for p in prompts:
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True,
-                              attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              pad_token_id=2)
-        want_tokens.append(out.sequences[0, len(p):].tolist())
-        want_logits.append([row[0].float() for row in out.logits])
+    want_tokens, want_logits = hf_greedy(hf, prompts, NEW_TOKENS)
     engine = ReferenceEngine(ours, block_size=16, record_logits=True)
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     got = engine.generate([GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)])

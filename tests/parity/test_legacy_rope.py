@@ -17,6 +17,7 @@ from services.engine.sampling import SamplingParams
 from services.model.checkpoint_gen import make_model
 from services.model.config import ModelConfig
 from services.model.loader import load_model
+from tests.parity.hf_models import hf_greedy
 
 # DeepSeek-V3's own block, scaled to tiny's context (V3: factor 40 over 4096 positions)
 LEGACY = {"beta_fast": 32, "beta_slow": 1, "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
@@ -47,14 +48,7 @@ def test_legacy_and_new_layouts_parse_alike(legacy_dir):
 def test_legacy_rope_greedy_equals_transformers(legacy_dir):
     prompts = [[3, 4, 5, 6, 7, 8], [100, 200, 150] * 30]  # the second passes 128 positions
     hf = AutoModelForCausalLM.from_pretrained(legacy_dir, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    want, want_logits = [], []
-    for p in prompts:
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True)
-        want.append(out.sequences[0, len(p):].tolist())
-        want_logits.append([row[0].float() for row in out.logits])
+    want, want_logits = hf_greedy(hf, prompts, 20)
     got = ReferenceEngine(load_model(legacy_dir), record_logits=True).generate(
         [GenerationRequest(f"p{i}", p, SamplingParams(max_tokens=20, ignore_eos=True))
          for i, p in enumerate(prompts)])

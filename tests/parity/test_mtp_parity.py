@@ -5,7 +5,6 @@ same ids (near-tie rule)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -13,31 +12,19 @@ from services.engine.compare import assert_same_greedy
 from services.engine.reference import GenerationRequest, ReferenceEngine, mtp_drafter
 from services.engine.sampling import SamplingParams
 from services.model.loader import load_model
+from tests.parity.hf_models import hf_greedy
 
 NEW_TOKENS = 24
 PROMPTS = [[3, 4, 5, 6, 7], [100, 7], [9, 200, 31, 4, 17, 18, 19, 250, 2]]
 
 
-@pytest.fixture(scope="module")
-def hf_greedy(tiny_mtp_model_dir):
+def test_mtp_speculative_greedy_equals_transformers(tiny_mtp_model_dir):
     hf = AutoModelForCausalLM.from_pretrained(tiny_mtp_model_dir, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    tokens, logits = [], []
-    for p in PROMPTS:
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True)
-        tokens.append(out.sequences[0, len(p):].tolist())
-        logits.append([row[0].float() for row in out.logits])
-    return tokens, logits
-
-
-def test_mtp_speculative_greedy_equals_transformers(tiny_mtp_model_dir, hf_greedy):
+    want_tokens, want_logits = hf_greedy(hf, PROMPTS, NEW_TOKENS)
     model = load_model(tiny_mtp_model_dir, mtp=True)
     eng = ReferenceEngine(model, record_logits=True, drafter=mtp_drafter(model))
     got = eng.generate([GenerationRequest(f"p{i}", p, SamplingParams(
         max_tokens=NEW_TOKENS, ignore_eos=True)) for i, p in enumerate(PROMPTS)])
-    want_tokens, want_logits = hf_greedy
     assert_same_greedy(want_tokens, [c.token_ids for c in got], want_logits,
                        [c.logits for c in got])
     assert eng.stats.drafts.proposed[0] > 0

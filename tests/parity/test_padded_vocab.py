@@ -18,6 +18,7 @@ from services.model.checkpoint_gen import make_model
 from services.model.detokenizer import IncrementalDetokenizer
 from services.model.loader import load_model
 from services.model.tokenizer import Tokenizer
+from tests.parity.hf_models import hf_greedy
 
 TOKENIZER_SIZE = 400  # the tiny preset's vocab_size is 512
 NEW_TOKENS = 24
@@ -44,16 +45,7 @@ def test_greedy_ids_past_the_tokenizer_decode_like_transformers(padded):
     prompts = [tok.encode(text) for text in ("Hello there", "The quick brown fox", "42 + 7 =")]
     prompts.append([tok.bos_id, 450, 3, 511, 9])  # the router admits ids below vocab_size
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    want_tokens, want_logits = [], []
-    for p in prompts:
-        with torch.no_grad():
-            res = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True,
-                              attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              pad_token_id=2)
-        want_tokens.append(res.sequences[0, len(p):].tolist())
-        want_logits.append([row[0].float() for row in res.logits])
+    want_tokens, want_logits = hf_greedy(hf, prompts, NEW_TOKENS)
     engine = ReferenceEngine(load_model(out), record_logits=True)
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     got = engine.generate([GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)])
