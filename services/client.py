@@ -39,9 +39,11 @@ class RemoteCompletion:
 
 
 # A request that fails with these is sent to the next router: the router went away (died,
-# draining, unreachable). Before the first token it is sent again as it was; mid-stream it is
+# draining, unreachable, or stopping: a server that stops cancels the calls it still holds,
+# and a CANCELLED status is never this client's own doing, whose cancellation is asyncio's
+# CancelledError). Before the first token it is sent again as it was; mid-stream it is
 # resumed: the next router continues after the tokens already received (resume_token_ids).
-RETRY_ON_ANOTHER_ROUTER = (grpc.StatusCode.UNAVAILABLE,)  # the router's own failure
+RETRY_ON_ANOTHER_ROUTER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def _router_verdict(exc: grpc.aio.AioRpcError) -> bool:
@@ -56,7 +58,7 @@ def unique_prefix(kind: str) -> str:
 
 class InferenceClient:
     """`endpoint`: one router's host:port, or several separated by commas. A request whose
-    router fails with UNAVAILABLE is retried, or resumed mid-stream, on the next router, each
+    router fails with UNAVAILABLE (or CANCELLED, a router stopping) is retried, or resumed mid-stream, on the next router, each
     router at most once per request; the completion is one stream either way (greedy and
     seeded output as one router would give it; a request sampled without a seed is resumed
     with a fresh one).
@@ -115,7 +117,8 @@ class InferenceClient:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRY_ON_ANOTHER_ROUTER or tried == len(self.stubs) - 1:
                     raise
-                if out.token_ids and _router_verdict(exc):
+                if _router_verdict(exc) and (out.token_ids or
+                                             exc.code() != grpc.StatusCode.UNAVAILABLE):
                     raise  # the router failed it on purpose (it billed what it streamed)
                 del req.resume_token_ids[:]
                 req.resume_token_ids.extend(out.token_ids)
@@ -126,29 +129,41 @@ class InferenceClient:
 
     async def _generate_on(self, router: int, req, timeout, out: RemoteCompletion,
                            pieces: list[str], t0: float) -> RemoteCompletion:
-        async for resp in self.stream(req, timeout, router):
-            now = time.perf_counter() - t0
-            if resp.WhichOneof("kind") == "delta":
-                if resp.delta.index != len(out.token_ids):  # a router broke the stream contract
-                    raise RuntimeError(f"{out.request_id}: token index {resp.delta.index} "
-                                       f"arrived, expected {len(out.token_ids)}")
-                if not out.token_ids:
-                    out.ttft_s = now
-                out.token_ids.extend(resp.delta.token_ids)
-                out.logprobs.extend(logprobs_from_proto(t, lp) for t, lp in zip(
-                    resp.delta.token_ids, resp.delta.logprobs, strict=False))
-                out.token_times.extend([now] * len(resp.delta.token_ids))
-                pieces.append(resp.delta.text)
-            else:
-                final = resp.final
-                out.request_id = final.request_id
-                out.finish_reason = final.finish_reason
-                out.prompt_tokens = final.usage.prompt_tokens
-                out.server_usage = final.usage
-                pieces.append(final.text)
+        finished = False
+        try:
+            async for resp in self.stream(req, timeout, router):
+                now = time.perf_counter() - t0
+                if resp.WhichOneof("kind") == "delta":
+                    self._add_delta(out, pieces, resp.delta, now)
+                else:
+                    final = resp.final
+                    out.request_id = final.request_id
+                    out.finish_reason = final.finish_reason
+                    out.prompt_tokens = final.usage.prompt_tokens
+                    out.server_usage = final.usage
+                    pieces.append(final.text)
+                    finished = True
+        except grpc.aio.AioRpcError:
+            if not finished:
+                raise
+            # the router went away after the final message, before the call's status: the
+            # request is complete (a retry would answer it twice)
         out.text = "".join(pieces)
         out.total_s = time.perf_counter() - t0
         return out
+
+    @staticmethod
+    def _add_delta(out: RemoteCompletion, pieces: list[str], delta, now: float) -> None:
+        if delta.index != len(out.token_ids):  # a router broke the stream contract
+            raise RuntimeError(f"{out.request_id}: token index {delta.index} "
+                               f"arrived, expected {len(out.token_ids)}")
+        if not out.token_ids:
+            out.ttft_s = now
+        out.token_ids.extend(delta.token_ids)
+        out.logprobs.extend(logprobs_from_proto(t, lp) for t, lp in zip(
+            delta.token_ids, delta.logprobs, strict=False))
+        out.token_times.extend([now] * len(delta.token_ids))
+        pieces.append(delta.text)
 
     async def tokenize(self, text: str = "", add_bos: bool = True) -> list[int]:
         resp = await self.stub.Tokenize(inference_pb2.TokenizeRequest(text=text, add_bos=add_bos),
