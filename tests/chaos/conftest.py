@@ -53,8 +53,9 @@ def chaos_rows():
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     preamble = (
         f"{'`make test` subset' if quick_only else '`make chaos`'}, {when}, "
-        f"{platform.machine()} with {_cores()} cores; tiny model, 2 routers, 2 prefill, "
-        "2 decode, 4 expert workers (each behind a link proxy, every expert on two of them), "
+        f"{platform.machine()} with {_cores()} cores; tiny model with an MTP layer, 2 routers, "
+        "2 prefill (running the MTP layer over every prompt), 2 decode (decode-0 speculative "
+        "with MTP, decode-1 plain), 4 expert workers (each behind a link proxy, every expert on two of them), "
         "supervised. Per scenario: 100 requests from 8 concurrent clients (1 in 4 through the "
         "openai package), half greedy and half seeded. `failed`: ended in an error; "
         "`changed`: a token the reference engine did not produce (beyond the near-tie rule); "
