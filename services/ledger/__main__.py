@@ -65,8 +65,13 @@ class LedgerService(Service):
     async def stop_core(self) -> None:
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait(self.tasks, timeout=5.0)
+        if stuck:  # never expected: each loop's waits are bounded and end on cancellation
+            log.warning("ledger_tasks_did_not_stop", tasks=len(stuck))
         await self.sub.unsubscribe()
+        # the pull consumer's subscription too: left open, the NATS drain after this waits on
+        # it past any grace (the process was SIGKILLed on every stop)
+        await self.folder.close()
         try:  # the last occupancy credits (a bounded attempt: NATS may be gone)
             async with self.folder.lock:
                 await asyncio.wait_for(self.folder.write_dirty(), self.cfg.write_timeout_s)

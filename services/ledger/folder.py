@@ -70,6 +70,8 @@ class UsageFolder:
     async def run(self) -> None:
         """Until cancelled; every wait inside is bounded."""
         while True:
+            if asyncio.current_task().cancelling():  # a cancellation a library swallowed
+                raise asyncio.CancelledError
             try:
                 if self._sub is None:
                     await self._subscribe()
@@ -106,6 +108,10 @@ class UsageFolder:
         self._expected, self._fresh = start, True
         log.info("ledger_consuming", start_seq=start)
 
+    async def close(self) -> None:
+        """After run() is cancelled: the consumer's subscription (bounded)."""
+        await self._drop_subscription()
+
     async def _drop_subscription(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:
@@ -118,6 +124,10 @@ class UsageFolder:
         try:
             return await self._sub.fetch(self.batch, timeout=self.fetch_timeout_s)
         except Exception as exc:
+            # nats-py's fetch answers a cancellation with its own TimeoutError: a fetch
+            # cancelled because the ledger stops must stop the loop, not look like no messages
+            if asyncio.current_task().cancelling():
+                raise asyncio.CancelledError from exc
             if type(exc).__name__ == "TimeoutError":
                 return []
             raise

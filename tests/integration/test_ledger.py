@@ -52,7 +52,10 @@ def cluster(tiny_model_dir, tmp_path_factory):
                                                          "--flush-interval-s", "0.5")}))
     c.t0 = t0
     yield c
-    c.stop()
+    codes = c.stop()
+    # a ledger on SIGTERM drains and exits by itself (its pull subscription once kept the NATS
+    # drain waiting past the grace: SIGKILL, -9, on every stop)
+    assert codes["ledger"] == 0, codes
 
 
 def live(cluster, *args: str) -> dict:
