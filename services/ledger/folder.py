@@ -124,8 +124,8 @@ class UsageFolder:
         try:
             return await self._sub.fetch(self.batch, timeout=self.fetch_timeout_s)
         except Exception as exc:
-            # nats-py's fetch answers a cancellation with its own TimeoutError: a fetch
-            # cancelled because the ledger stops must stop the loop, not look like no messages
+            # a fetch cancelled because the ledger stops must stop the loop even if the library
+            # turned the cancellation into its own error (it must not look like no messages)
             if asyncio.current_task().cancelling():
                 raise asyncio.CancelledError from exc
             if type(exc).__name__ == "TimeoutError":
