@@ -29,10 +29,8 @@ from services.train.mtp_trainer import (
 from services.train.recipe import TINY_TRAIN, TrainConfig
 from services.train.trainer import train
 from services.train.windows import encode_works, eval_windows
+from tests.unit.test_train_smoke import VERSE
 
-VERSE = ("Romeo.\nBut soft, what light through yonder window breaks?\n"
-         "It is the east, and Juliet is the sun.\n\n"
-         "Juliet.\nO Romeo, Romeo! wherefore art thou Romeo?\n\n")
 TC = MTPTrainConfig(steps=10, batch_size=4, seq_len=24, lr=1e-2, warmup_steps=2, eval_every=5,
                     eval_windows=4, context=8, threads=1)
 
