@@ -151,5 +151,6 @@ def test_expert_paths_agree(tiny_model_dir):
         moe.experts.mode = "auto"
         assert (outs["loop"] - outs["gather"]).abs().max() < 1e-5
         # The same per-expert matmuls and the same combine: grouped equals the loop bit for bit.
-        assert torch.equal(outs["auto"], outs[modes[-1]])  # on a CPU, auto groups if it can
+        # auto loops over few experts hit and groups many; both give the loop's bits
+        assert torch.equal(outs["auto"], outs["loop"])
         assert torch.equal(outs["loop"], outs[modes[-1]])
