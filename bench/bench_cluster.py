@@ -42,9 +42,11 @@ import asyncio
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from bench.results import record
 from services.client import InferenceClient, RemoteCompletion
 from services.common.metrics_http import scrape_metrics
 from services.engine.reference import GenerationRequest, ReferenceEngine
@@ -148,6 +150,11 @@ def print_comparison(args, rows: list[tuple[int, int, Result, Result]]) -> None:
         for i, (name, a, b) in enumerate(metrics):
             head = f"{c:>4}{n:>6}" if i == 0 else " " * 10
             print(f"{head}  {name:<14}{a:>10.1f}{b:>11.1f}{a / b if b else 0.0:>8.2f}x")
+        record("cluster", f"tok_s_vs_reference_c{c}", round(cl.tok_s / ref.tok_s, 3))
+        for name, a, b in (("ttft", cl.ttft_ms, ref.ttft_ms), ("tpot", cl.tpot_ms, ref.tpot_ms)):
+            base = percentile(b, 50)
+            record("cluster", f"{name}_p50_vs_reference_c{c}",
+                   round(percentile(a, 50) / base, 3) if base else "n/a")
 
 
 def _share(x: float, total: float) -> str:
@@ -182,6 +189,9 @@ def print_breakdown(rows: list[tuple[int, Delta]]) -> None:
                   f"{fwd - comp - disp:>10.2f}"
                   f"{_share(ser, disp):>15}{_share(exp, disp):>15}"
                   f"{_share(disp - ser - exp, disp):>16}{wire / max(tokens, 1):>9,.0f}")
+            if fwd:
+                record("cluster", f"{role.split('-')[0]}_waiting_share_c{c}",
+                       round((fwd - comp) / fwd, 3))
     print("\nexpert workers (all, prefill + decode traffic) and KV hand-over (KV transfer: "
           "seconds summed over requests, which overlap)")
     print(f"{'conc':>4}{'worker recv->reply s':>22}{'worker compute s':>18}{'worker overhead s':>19}"
@@ -266,6 +276,8 @@ async def _run(args: argparse.Namespace) -> int:
     ratios = [cl.tok_s / ref.tok_s for _, _, cl, ref in comparison]
     print(f"\ncluster/reference throughput, geometric mean over levels: "
           f"{statistics.geometric_mean(ratios):.2f}x")
+    record("cluster", "model", Path(args.model).name)
+    record("cluster", "tok_s_vs_reference_geomean", round(statistics.geometric_mean(ratios), 3))
     return 0
 
 

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from bench.results import record
 from services.engine.reference import GenerationRequest, ReferenceEngine
 from services.engine.sampling import SamplingParams
 from services.model.loader import load_model
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'phase':<10}{'epserve tok/s':>16}{'transformers tok/s':>22}{'ratio':>10}")
     print(f"{'prefill':<10}{ours_p:>16,.0f}{hf_p:>22,.0f}{ours_p / hf_p:>9.2f}x")
     print(f"{'decode':<10}{ours_d:>16,.0f}{hf_d:>22,.0f}{ours_d / hf_d:>9.2f}x")
+    record("engine", "prefill_vs_transformers", round(ours_p / hf_p, 3))
+    record("engine", "decode_vs_transformers", round(ours_d / hf_d, 3))
     return 0
 
 

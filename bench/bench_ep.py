@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from bench.results import record
 from services.balance.naive import contiguous_placement
 from services.engine.ep_client import ExpertClient
 from services.engine.ep_engine import EPEngine
@@ -63,6 +64,7 @@ def wire_table(cfg) -> None:
         rows[wire] = hidden
         print(f"{wire:<6}{hidden:>17.0f}{hidden + meta:>17.0f}{combine:>10.0f}")
     print(f"fp8 / bf16 dispatch hidden bytes: {rows['fp8'] / rows['bf16']:.3f}")
+    record("ep", "fp8_over_bf16_dispatch_bytes", round(rows["fp8"] / rows["bf16"], 4))
 
 
 async def _ep_decode(model, endpoints, reqs, wire):
@@ -126,6 +128,8 @@ async def _main(argv: list[str] | None) -> int:
                 print(f"{f'EP {n} worker(s), {wire}':<26}{e:>9.1f}{e / lo:>9.2f}x"
                       f"{per_token[0]:>18.0f}{per_token[1]:>8.0f}"
                       f"{max(rss) / 2**20:>15.0f}{max(rss) / full_rss:>22.2f}x")
+                record("ep", f"decode_vs_local_{n}w_{wire}", round(e / lo, 3))
+            record("ep", f"worker_rss_vs_full_{n}w", round(max(rss) / full_rss, 3))
     print(f"local reference engine decode: {lo:.1f} tok/s (last measurement); "
           f"full-model process RSS {full_rss / 2**20:.0f} MB")
     return 0

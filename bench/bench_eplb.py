@@ -17,6 +17,7 @@ Run: .venv/bin/python -m bench.bench_eplb [--real-loads DIR]
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import results
 from services.balance.eplb import EplbConfig, Policy, plan
 from services.balance.metrics import balancedness_of_loads, worker_loads
 from services.balance.naive import contiguous_placement
@@ -254,6 +256,11 @@ def print_table(unit: Unit, rows: list[tuple]) -> None:
         print(
             f"{label:48} {fmt(value):>9} {fmt(pert):>9} {fmt(bnd):>7} {fmt(nb):>8} {fmt(sec, 2):>6}"
         )
+        slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+        for what, v in (("balancedness", value), ("perturbed", pert), ("bound", bnd),
+                        ("node_bound", nb)):
+            if not np.isnan(v):
+                results.record("eplb", f"{unit.name}_{slug}_{what}", round(float(v), 4))
 
 
 def main(argv: list[str] | None = None) -> int:

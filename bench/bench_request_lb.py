@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from bench import results
 from services.balance.decode_lb import DecodeBalancer, DecodeBalancerConfig, DecodeInstanceLoad
 from services.balance.prefill_lb import PrefillBalancer, PrefillInstanceLoad
 
@@ -199,6 +201,10 @@ def simulate_decode(
 # ---- table ------------------------------------------------------------------------------------
 
 
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_request_lb", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6000, help="simulated steps per run")
@@ -241,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:38} {stats.ratio('attention'):>13.3f} {stats.ratio('tokens'):>12.3f} "
             f"{stats.ratio('work'):>13.3f} {waits.mean():>9.1f} {np.percentile(waits, 99):>8.0f}"
         )
+        key = f"prefill_{_slug(name)}"
+        results.record("request_lb", f"{key}_attention_max_over_mean",
+                       round(stats.ratio("attention"), 4))
+        results.record("request_lb", f"{key}_mean_wait_steps", round(float(waits.mean()), 2))
 
     print("\ndecode: load = running requests and their KV blocks (capacity 6000 blocks each)")
     header = (
@@ -255,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:38} {stats.ratio('kv_blocks'):>11.3f} {stats.ratio('requests'):>12.3f} "
             f"{stats.peak('kv_blocks') / 6000:>10.0%} {stats.peak('requests'):>9.0f}"
         )
+        results.record("request_lb", f"decode_{_slug(name)}_kv_max_over_mean",
+                       round(stats.ratio("kv_blocks"), 4))
     return 0
 
 
