@@ -99,7 +99,7 @@ class ExpertWorkerService(Service):
             for slot, logical in entries:
                 info.slots.add(layer_id=layer, slot=slot, logical_expert=logical)
         register_load_collector(self.core)
-        self.servicer = ExpertWorkerServicer(self.core, info, WorkerMetrics())
+        self.servicer = ExpertWorkerServicer(self.core, info, WorkerMetrics(), cfg.compute_thread)
 
     def add_servicers(self, server) -> None:
         expert_pb2_grpc.add_ExpertWorkerServicer_to_server(self.servicer, server)

@@ -4,7 +4,8 @@ Master invariant for N in {1, 2, 4} workers, with redundant experts, on tiny (al
 checkpoint, whose experts the workers dequantise) and v3-mini, in
 fp32, bf16 and fp8 wire modes (the reference applies the same quantisation). Workers hold only
 their slots; malformed dispatches get documented errors and the stream stays usable; a dead
-worker is a clear error within the deadline, never a hang.
+worker is a clear error within the deadline, never a hang. Workers compute on their event loop
+by default; one case runs them with a compute thread.
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ def test_ep_equals_reference(request, fixture, workers, redundant, wires):
                 lossy = max((a.logits[0] - b.logits[0]).abs().max().item()
                             for a, b in zip(plain, got, strict=True))
                 assert lossy > LOGIT_TOL, f"{wire} wire indistinguishable from fp32"
+
+
+def test_compute_thread_equals_reference(tiny_model_dir):
+    """Workers computing on a thread of their own (--compute-thread) instead of their event
+    loop (the default, which the cases above run) give the same tokens and logits."""
+    cfg = ModelConfig.from_dir(tiny_model_dir)
+    reqs = requests(prompts(cfg.vocab_size))
+    with LocalExpertWorkers(tiny_model_dir, table_for(cfg, 2),
+                            extra_args=("--compute-thread",)) as pool:
+        want = reference_run(tiny_model_dir, reqs)
+        got = asyncio.run(ep_run(tiny_model_dir, pool.endpoints, reqs, "fp32"))
+    assert_same_greedy([c.token_ids for c in want], [c.token_ids for c in got],
+                       [c.logits for c in want], [c.logits for c in got])
 
 
 def _assert_workers_hold_only_their_slots(endpoints, table, cfg):
