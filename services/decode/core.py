@@ -18,10 +18,10 @@ import torch
 from services.common.errors import StatusError
 from services.common.load import InstanceLoad
 from services.decode import metrics
+from services.engine.compute_thread import compute_thread
 from services.engine.kv_budget import KVBudget, NeverFits
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.kv_transfer import DraftKV
-from services.engine.overlap import compute_executor
 from services.engine.sampling import SamplingParams, TokenLogprobs
 from services.engine.sequence import Sequence
 from services.engine.speculative import Speculation
@@ -224,8 +224,7 @@ class DecodeCore:
         inputs = self.speculation.settle(plan, logits.float().cpu(), hidden, append)
         metrics.DRAFT_TOKENS.labels(position="1").inc(stats.proposed[0] - proposed)
         metrics.ACCEPTED_TOKENS.labels(position="1").inc(stats.accepted[0] - accepted)
-        await asyncio.get_running_loop().run_in_executor(compute_executor(),
-                                                         self.speculation.draft, inputs)
+        await compute_thread().call(self.speculation.draft, inputs)
 
     def _append(self, slot: DecodeSlot, token: int, logprobs: TokenLogprobs | None = None
                 ) -> None:

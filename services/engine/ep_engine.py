@@ -17,9 +17,10 @@ import structlog
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.engine.compute_thread import compute_thread
 from services.engine.ep_client import EPError, ExpertClient
 from services.engine.microbatch import OverlapSettings, wants_split
-from services.engine.overlap import ForwardStats, OverlappedStep, compute_executor
+from services.engine.overlap import ForwardStats, OverlappedStep
 from services.engine.overlap_tuner import OverlapTuner
 from services.engine.reference import Completion, EngineStats, GenerationLoop, GenerationRequest
 from services.engine.trace import ChromeTrace
@@ -192,6 +193,5 @@ class EPEngine:
             args, kind = (step.input_ids, step.batch, loop.cache.layers), loop.outputs
             output = await (self.forward(*args) if kind == "last" else
                             self.forward_tokens(*args, all_logits=kind == "tokens"))
-            await asyncio.get_running_loop().run_in_executor(compute_executor(), loop.consume,
-                                                             step, output)
+            await compute_thread().call(loop.consume, step, output)
         return loop.completions()

@@ -1,8 +1,10 @@
 """One EP forward step, as one micro-batch or as two that overlap communication with compute.
 
-Every torch op runs on the process's single compute thread (`compute_executor`): one thread
+Every torch op runs on the process's single compute thread (`compute_thread.py`): one thread
 keeps the ops in submission order, torch releases the GIL inside its kernels, and the event
-loop stays free to move gRPC traffic (dispatches, replies, heartbeats) while compute runs.
+loop stays free to move gRPC traffic (dispatches, replies, heartbeats) while compute runs. A
+one-micro-batch step's hops may run on the event loop instead, when short (compute_thread.py
+says when): with nothing to overlap, the hand-over is only a cost.
 
 Each micro-batch is a coroutine walking the layers. Its ops, per layer, are the model's own
 public stages (DecoderLayer, services/model/deepseek.py, whose docstring says what each
@@ -51,35 +53,16 @@ per-call-overhead bound, so two micro-batches cost nearly twice the ops of one.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from services.engine.compute_thread import compute_thread
 from services.engine.microbatch import MicroBatch, micro_batches, plan_cut
+from services.engine.overlap_tuner import size_bucket
 from services.engine.trace import COMPUTE, STEPS, ChromeTrace, comm_track
 from services.model.batch import AttentionBatch
-
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def compute_executor() -> ThreadPoolExecutor:
-    """The process's one compute thread (shared by every engine in the process)."""
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        return _executor
-
-
-def _timed(fn, args):
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = fn(*args)
-        return t0, time.perf_counter(), out
 
 
 @dataclass(frozen=True)
@@ -157,13 +140,13 @@ class OverlappedStep:
         self.parts: list[MicroBatch] = []
         self.cut: int | None = None
         self._hop_done: list[asyncio.Event] = []
-        self._pool = compute_executor()
+        self._compute = compute_thread()
+        self._inline_key = None  # set by run(): one micro-batch may skip the hand-over
         self._layers = list(model.layers)
 
     async def _hop(self, mb: int, fn, *args):
         clock = _Clock()
-        t0, t1, out = await asyncio.get_running_loop().run_in_executor(
-            self._pool, _timed, fn, (clock, *args))
+        t0, t1, out = await self._compute.run(fn, clock, *args, inline_key=self._inline_key)
         self.compute_s += t1 - t0
         if self.tracer is not None:
             for name, layer, a, b in clock.spans:
@@ -257,6 +240,9 @@ class OverlappedStep:
         t0 = time.perf_counter()
         self.cut = plan_cut(self.batch, plan, self.model.cfg)
         self.parts = micro_batches(self.batch, self.cut)
+        if len(self.parts) == 1:
+            self._inline_key = (id(self.model), "decode" if self.decode else "prefill",
+                                size_bucket(self.batch.num_tokens))
         self._hop_done = [asyncio.Event() for _ in range(len(self._layers) + 2)]
         runs = [self._run(mb, micro_batch if len(self.parts) == 1 else mb.index)
                 for mb in self.parts]

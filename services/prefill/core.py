@@ -20,9 +20,9 @@ import structlog
 import torch
 
 from services.common.load import InstanceLoad
+from services.engine.compute_thread import compute_thread
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.kv_transfer import DraftKV
-from services.engine.overlap import compute_executor
 from services.engine.sampling import SamplingParams, TokenLogprobs, choose
 from services.engine.sequence import Sequence
 from services.engine.speculative import DraftInput
@@ -214,8 +214,7 @@ class PrefillCore:
                 return logits.float().cpu(), hidden, at
             if drafter is not None:
                 inputs = [DraftInput(seq, at, job.prompt_ids[at + 1:at + take + 1], hidden)]
-                await asyncio.get_running_loop().run_in_executor(
-                    compute_executor(), drafter.propose, inputs)
+                await compute_thread().call(drafter.propose, inputs)
             at += take
 
     async def _draft(self, drafter, jobs, pasts, starts, hidden, sampled) -> dict[str, DraftKV]:
@@ -233,8 +232,7 @@ class PrefillCore:
             at += rows
         if not inputs:
             return {}
-        first = await asyncio.get_running_loop().run_in_executor(
-            compute_executor(), drafter.propose, inputs)
+        first = await compute_thread().call(drafter.propose, inputs)
         past = {j.request_id: p for j, p in zip(jobs, pasts, strict=True)}
         return {i.seq.request_id: DraftKV(
                     cache_draft(drafter, i.seq.request_id, past[i.seq.request_id],

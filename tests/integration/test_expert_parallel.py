@@ -21,6 +21,7 @@ import torch
 
 from services.common.health import check_health
 from services.engine.compare import LOGIT_TOL, assert_same_greedy
+from services.engine.compute_thread import compute_thread
 from services.engine.ep_client import EPError, ExpertClient
 from services.engine.ep_engine import EPEngine
 from services.engine.tensor_proto import to_proto
@@ -60,6 +61,7 @@ def test_ep_equals_reference(request, fixture, workers, redundant, wires):
     cfg = ModelConfig.from_dir(model_dir)
     table = table_for(cfg, workers, redundant)
     reqs = requests(prompts(cfg.vocab_size))
+    inline_before = compute_thread().inline_runs
     with LocalExpertWorkers(model_dir, table) as pool:
         _assert_workers_hold_only_their_slots(pool.endpoints, table, cfg)
         plain = reference_run(model_dir, reqs)
@@ -73,6 +75,9 @@ def test_ep_equals_reference(request, fixture, workers, redundant, wires):
                 lossy = max((a.logits[0] - b.logits[0]).abs().max().item()
                             for a, b in zip(plain, got, strict=True))
                 assert lossy > LOGIT_TOL, f"{wire} wire indistinguishable from fp32"
+    # the outputs above include steps whose hops ran on the event loop (one micro-batch, each
+    # hop of these models far under INLINE_MAX_S): that path is exact too
+    assert compute_thread().inline_runs > inline_before
 
 
 def test_compute_thread_equals_reference(tiny_model_dir):

@@ -12,9 +12,10 @@ import asyncio
 import pytest
 import torch
 
+from services.engine.compute_thread import compute_executor
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.microbatch import OverlapSettings
-from services.engine.overlap import compute_executor, overlapped_forward
+from services.engine.overlap import overlapped_forward
 from services.model.deepseek import Attended
 from services.model.loader import load_model
 
