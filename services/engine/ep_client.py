@@ -206,7 +206,8 @@ class ExpertClient:
         serialize = time.perf_counter() - t_encode
         deadline_s = self.deadlines.deadline(x.shape[0])
         try:  # a write into a stalled worker's full window must not wait for ever either
-            futures = await asyncio.wait_for(asyncio.gather(*sends), deadline_s)
+            async with asyncio.timeout(deadline_s):  # (no extra task, unlike wait_for)
+                futures = await asyncio.gather(*sends)
         except TimeoutError as exc:
             late = tuple(s.worker for s, t in zip(shares, timings, strict=True) if not t.sent)
             self.abandon(late, f"write not done within {deadline_s:.2f}s")
