@@ -267,3 +267,15 @@ def test_reports_feed_the_scheduler_window():
     window.add(reporter.report(), now=1.0)
     loads = window.loads(1.0)
     assert loads[0, 0] == 2 and loads[0, 7] == 1 and loads[1, 7] == 1 and loads.sum() == 4
+
+
+def test_slot_checks_name_the_first_slot_not_held_here():
+    """Rank 0 of two holds slots 0..9 of 20: -1 is "held elsewhere", 10 and 25 are not its,
+    -2 is no slot at all; each rejection names the offending slot."""
+    table = contiguous_placement(E, 2, LAYERS, redundant=REDUNDANT, version=1)
+    core = ExpertWorkerCore(CFG, 0, table, make_banks(table, seed=1))
+    hidden, slots, _ = core.validate(dispatch(1, [[0, 9, -1], [3]]))
+    assert slots.dtype == torch.long and slots.tolist()[0][:3] == [0, 9, -1]
+    for bad, shown in (([[0, 12]], 12), ([[25, 10]], 10), ([[1, -2]], -2), ([[-2, 11]], 11)):
+        with pytest.raises(DispatchRejected, match=f"slot {shown} of layer 1 is not held"):
+            core.validate(dispatch(1, bad))
