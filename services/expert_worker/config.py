@@ -28,8 +28,8 @@ class ExpertWorkerConfig(ServiceConfig):
     device: str = field(default="cpu", metadata={"help": "cpu or cuda:N"})
     cpu_cores: str = field(default="", metadata={"help": "pin to these CPU cores, e.g. 0,1"})
     compute_thread: bool = field(default=False, metadata={
-        "help": "compute on a thread of its own, not the event loop (for long computes; costs "
-                "a thread hand-off per dispatch)"})
+        "help": "always compute on a thread of its own (default: on the event loop when "
+                "dispatches of that size were measured short)"})
     dtype: str = field(default="float32", metadata={"help": "compute dtype: float32|bfloat16"})
 
     def __post_init__(self) -> None:

@@ -1,20 +1,23 @@
 """gRPC shell of the expert worker: proto <-> core, in-band stream errors.
 
-Compute runs on the event loop by default: a dispatch is one short, serial piece of work, and
-handing it to a thread costs two wake-ups per message, which on shared cores is a wait for a
-core each time (measured on 2 cores, `bench_cluster`: worker recv->reply minus compute fell from
-14.6 s to 3.6 s at concurrency 1). `compute_thread` moves it to one thread instead, for workers
-whose computes are long enough that health and control traffic must not wait behind them."""
+A dispatch's compute runs on the event loop when dispatches of its size were measured short
+(engine/compute_thread.py's rule, ≤ INLINE_MAX_S), else on one compute thread: handing a short
+compute to a thread costs two wake-ups per message, which on shared cores is a wait for a core
+each time (measured on 2 cores, `bench_cluster`: worker recv->reply minus compute fell from
+14.6 s to 3.6 s at concurrency 1), while a long one on the loop would hold back heartbeats (an
+instance silent for 1.5 s is dead) and control traffic. `compute_thread` always uses the thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
 
+from services.engine.compute_thread import ComputeThread
+from services.engine.overlap_tuner import size_bucket
 from services.engine.tensor_proto import dtype_from_proto, from_proto, to_proto
 from services.engine.wire import WireError
 from services.expert_worker.core import DispatchInput, DispatchRejected, ExpertWorkerCore
@@ -40,9 +43,8 @@ class ExpertWorkerServicer(expert_pb2_grpc.ExpertWorkerServicer):
     def __init__(self, core: ExpertWorkerCore, info: expert_pb2.WorkerInfo,
                  metrics: WorkerMetrics, compute_thread: bool = False) -> None:
         self.core, self.info, self.metrics = core, info, metrics
-        # one thread keeps the work ordered, as the event loop does
-        self.pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
-                     if compute_thread else None)
+        self.compute = ComputeThread()  # one thread keeps the work ordered, as the loop does
+        self.always_thread = compute_thread
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -55,7 +57,7 @@ class ExpertWorkerServicer(expert_pb2_grpc.ExpertWorkerServicer):
         t0 = time.perf_counter()
         try:
             self.core.check_header(req.placement_version, req.layer_id)
-            out = await self._run(_input(req))
+            out = await self._run(_input(req), req.hidden.shape[0] if req.hidden.shape else 0)
             reply.combined.CopyFrom(to_proto(out.combined))
             reply.compute_seconds = out.compute_seconds
             self.metrics.observe(req, time.perf_counter() - t0, out.compute_seconds)
@@ -70,10 +72,9 @@ class ExpertWorkerServicer(expert_pb2_grpc.ExpertWorkerServicer):
                 self.idle.set()
         return reply
 
-    async def _run(self, inp):
-        if self.pool is None:
-            return self.core.run(inp)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.core.run, inp)
+    async def _run(self, inp, tokens: int):
+        key = None if self.always_thread else size_bucket(tokens)
+        return (await self.compute.run(self.core.run, inp, inline_key=key))[2]
 
     async def Dispatch(self, request_iterator, context):  # noqa: N802 (gRPC naming)
         async for req in request_iterator:
