@@ -85,9 +85,3 @@ def compute_thread() -> ComputeThread:
         if _instance is None:
             _instance = ComputeThread()
         return _instance
-
-
-def compute_executor() -> ThreadPoolExecutor:
-    """The compute thread's executor, for callers that submit to it directly (their work is
-    not counted as in flight, so they must not run while an inline-keyed step does)."""
-    return compute_thread().pool

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import torch
 
-from services.engine.compute_thread import compute_executor
+from services.engine.compute_thread import compute_thread
 from services.engine.kv_cache import LatentKVCache, SeqChunk
 from services.engine.microbatch import OverlapSettings
 from services.engine.overlap import overlapped_forward
@@ -163,7 +163,7 @@ class _LocalExperts:
                 return self.model.layers[layer].mlp.experts(x, ids, weights)
 
         # on the compute thread, as the plain forward's experts: see below
-        return await asyncio.get_running_loop().run_in_executor(compute_executor(), experts)
+        return await asyncio.get_running_loop().run_in_executor(compute_thread().pool, experts)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -174,7 +174,7 @@ def test_one_micro_batch_overlapped_forward_equals_forward(model, kind):
     caches = [c.clone() for c in cache.layers]
     # The plain forward on the compute thread too: BLAS may block a matmul differently on
     # another thread (its own OpenMP settings), and this compares bit for bit.
-    want = compute_executor().submit(model, ids, batch, cache.layers).result()
+    want = compute_thread().pool.submit(model, ids, batch, cache.layers).result()
     got, stats = asyncio.run(overlapped_forward(model, _LocalExperts(model), ids, batch, caches,
                                                 OverlapSettings(micro_batches=1), step_id=0))
     assert stats.micro_batches == 1
