@@ -27,6 +27,9 @@ protos: install
 models/v3-mini/config.json: | install
 	$(BIN)/epserve make-model --preset v3-mini --out models/v3-mini
 
+models/v3-wide/config.json: | install
+	$(BIN)/epserve make-model --preset v3-wide --out models/v3-wide
+
 run: install $(MODEL_DIR)/config.json
 	$(BIN)/python -m services.local.demo --model $(MODEL_DIR)
 
@@ -45,7 +48,7 @@ chaos: install
 fuzz: install
 	EPSERVE_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest -q tests/fuzz
 
-bench: install $(BENCH_MODEL_DIR)/config.json
+bench: install $(BENCH_MODEL_DIR)/config.json models/v3-wide/config.json
 	$(BIN)/python -m bench.run_all --model $(BENCH_MODEL_DIR)
 
 lint: install

@@ -66,6 +66,9 @@ class EPEngine:
         self.plan = plan if plan is not None else OverlapSettings()
         self.tracer = tracer
         self.tuner = OverlapTuner()
+        # one micro-batch: send each dispatch, then compute the shared expert while it travels
+        # (False: the reference order, shared expert first; benchmarks compare the two)
+        self.single_batch_overlap = True
         self.last_forward: ForwardStats | None = None
         self.plan_version_in_use: int | None = None
         self.on_stale_placement: Callable[[], Awaitable[ExpertClient | None]] | None = None
@@ -161,7 +164,8 @@ class EPEngine:
                                            version=version)
                 TUNED_SINGLE_STEPS.inc()
         logits, self.last_forward = await OverlappedStep(
-            self.model, client, input_ids, batch, caches, step_id, self.tracer, outputs).run(
+            self.model, client, input_ids, batch, caches, step_id, self.tracer, outputs,
+            self.single_batch_overlap).run(
                 run_plan, micro_batch)
         if tuned:
             self.tuner.record(phase, batch.num_tokens, self.last_forward.micro_batches,

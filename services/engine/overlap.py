@@ -37,8 +37,14 @@ reads latent KV that micro-batch 0's ATTN-0 wrote at layer L, so micro-batch 1 s
 attention hop only after micro-batch 0's k-th attention hop has run (micro-batch 0 never waits
 for micro-batch 1, so this cannot deadlock). Without a split prompt nothing waits.
 
-With one micro-batch the ops run in the reference (non-overlapped) order: SHARED joins the
-attention hop before the dispatch, then the step waits for the replies: micro_batches=1.
+With two micro-batches, EMBED and the leading dense layers run once on the whole step before
+the split (`_dense_prefix`): no dispatch precedes the first MoE layer, so halves would only
+cost more.
+
+With one micro-batch, by default the dispatch goes first and SHARED is computed while it
+travels (single-batch overlap: the shared expert hides up to its own time of each round trip,
+with no split and no extra per-op cost); `single_batch_overlap=False` keeps the reference
+order, SHARED in the attention hop before the dispatch, then the wait for the replies.
 
 Numerics: every op is row-wise except attention, which is per sequence, so the two
 micro-batches compute the same function as the whole batch; the attention path (absorbed for a
@@ -126,10 +132,12 @@ class OverlappedStep:
 
     def __init__(self, model, client, input_ids: torch.Tensor, batch: AttentionBatch,
                  caches, step_id: int, tracer: ChromeTrace | None = None,
-                 outputs: str = "last") -> None:
+                 outputs: str = "last", single_batch_overlap: bool = True) -> None:
         """outputs: what run() returns: "last", each sequence's last logits; "tokens", every
         token's (logits, final-normed hidden), as a speculative step needs; "last+hidden", the
-        last logits and every token's hidden (a prefill feeding the MTP draft layer)."""
+        last logits and every token's hidden (a prefill feeding the MTP draft layer).
+        single_batch_overlap: with one micro-batch, compute the shared expert while the
+        dispatch travels (else before it); the same numbers either way."""
         if outputs not in OUTPUTS:
             raise ValueError(f"outputs must be one of {OUTPUTS}, got {outputs!r}")
         self.outputs = outputs
@@ -143,6 +151,8 @@ class OverlappedStep:
         self._compute = compute_thread()
         self._inline_key = None  # set by run(): one micro-batch may skip the hand-over
         self._layers = list(model.layers)
+        self._prefix: _Carry | None = None  # two micro-batches: the whole step's dense prefix
+        self.single_batch_overlap = single_batch_overlap
 
     async def _hop(self, mb: int, fn, *args):
         clock = _Clock()
@@ -155,25 +165,19 @@ class OverlappedStep:
 
     def _advance(self, clock: _Clock, mb: MicroBatch, carry: _Carry, with_shared: bool) -> _Carry:
         """Compute thread: from where `carry` stands to the next MoE layer's gate (or the end)."""
-        model, batch = self.model, mb.batch
         if carry.h is None:
-            carry.h, carry.cos_sin = clock("EMBED", -1, _embed, model, self.input_ids[mb.lo:mb.hi],
-                                           batch.positions)
+            carry.h, carry.cos_sin = clock("EMBED", -1, _embed, self.model,
+                                           self.input_ids[mb.lo:mb.hi], mb.batch.positions)
         if carry.pending is not None:
             last = self._layers[carry.next_layer - 1]
             carry.h = clock("COMBINE", last.layer_id, last.combine, carry.h, *carry.pending)
             carry.pending = None
         while carry.next_layer < len(self._layers):
             layer = self._layers[carry.next_layer]
-            L, cache = layer.layer_id, self.caches[layer.layer_id]
-            carry.next_layer += 1
-            q = clock("ATTN-0", L, layer.attn0, carry.h, batch, cache, model.rotary, carry.cos_sin)
-            # the step's attention path, never the micro-batch's (see Numerics above)
-            att = clock("ATTN-1", L, layer.attn1, carry.h, q, batch, cache, self.decode)
-            carry.h = att.h
+            att = self._attention_then_ffn(clock, mb, carry)
             if not layer.is_moe:
-                carry.h = clock("FFN", L, layer.dense_ffn, carry.h)
                 continue
+            L = layer.layer_id
             carry.x, carry.weights, carry.ids = att.x, att.weights, att.ids
             if with_shared:
                 carry.pending = (None, clock("SHARED", L, layer.shared_expert, att.x), att.x.dtype)
@@ -181,54 +185,111 @@ class OverlappedStep:
         carry.x = carry.weights = carry.ids = None
         return carry
 
-    async def _dispatch(self, mb: MicroBatch, micro_batch: int, layer: int, carry: _Carry):
+    def _attention_then_ffn(self, clock: _Clock, mb: MicroBatch, carry: _Carry):
+        """The next layer's attention (ATTN-0, ATTN-1), and its FFN if dense; returns the
+        attention output (a MoE layer's carries the gate's choice)."""
+        layer = self._layers[carry.next_layer]
+        L, cache = layer.layer_id, self.caches[layer.layer_id]
+        carry.next_layer += 1
+        q = clock("ATTN-0", L, layer.attn0, carry.h, mb.batch, cache, self.model.rotary,
+                  carry.cos_sin)
+        # the step's attention path, never the micro-batch's (see Numerics above)
+        att = clock("ATTN-1", L, layer.attn1, carry.h, q, mb.batch, cache, self.decode)
+        carry.h = att.h
+        if not layer.is_moe:
+            carry.h = clock("FFN", L, layer.dense_ffn, carry.h)
+        return att
+
+    async def _send(self, mb: MicroBatch, micro_batch: int, layer: int, carry: _Carry
+                    ) -> asyncio.Future:
+        """Sends the layer's dispatch; returns once every share is written, with a task that
+        yields the routed output (cancel it to give the dispatch up)."""
         start = getattr(self.client, "start_dispatch", None)
         if start is None:  # a stand-in client with only dispatch(): one span, the round trip
-            t0 = time.perf_counter()
-            routed = await self.client.dispatch(self.step_id, micro_batch, layer, carry.x,
-                                                carry.ids, carry.weights)
-            if self.tracer is not None:
-                self.tracer.span(comm_track(mb.index), "DISPATCH", t0, time.perf_counter(),
-                                 mb=mb.index, layer=layer, step=self.step_id,
-                                 tokens=mb.hi - mb.lo)
-            return routed
+            task = asyncio.ensure_future(self._stand_in(mb, micro_batch, layer, carry))
+            await asyncio.sleep(0)  # let it start: its round trip begins now
+            return task
         pending = await start(self.step_id, micro_batch, layer, carry.x, carry.ids, carry.weights)
+        return asyncio.ensure_future(self._collect(pending, mb, layer))
+
+    async def _stand_in(self, mb: MicroBatch, micro_batch: int, layer: int, carry: _Carry):
+        t0 = time.perf_counter()
+        routed = await self.client.dispatch(self.step_id, micro_batch, layer, carry.x,
+                                            carry.ids, carry.weights)
+        if self.tracer is not None:
+            self.tracer.span(comm_track(mb.index), "DISPATCH", t0, time.perf_counter(),
+                             mb=mb.index, layer=layer, step=self.step_id, tokens=mb.hi - mb.lo)
+        return routed
+
+    async def _collect(self, pending, mb: MicroBatch, layer: int):
         routed = await pending.result()
         if self.tracer is not None:
             trace_dispatch(self.tracer, comm_track(mb.index), pending, mb=mb.index, layer=layer,
                            step=self.step_id, tokens=mb.hi - mb.lo)
         return routed
 
+    async def _dispatch(self, mb: MicroBatch, micro_batch: int, layer: int, carry: _Carry):
+        return await (await self._send(mb, micro_batch, layer, carry))
+
     async def _run(self, mb: MicroBatch, micro_batch: int) -> torch.Tensor:
         overlap = len(self.parts) > 1
+        # the shared expert computes while the dispatch travels: between the micro-batches'
+        # hops (two), or after the send (one, single-batch overlap); else the reference order
+        split_shared = overlap or self.single_batch_overlap
         # a prompt split between the micro-batches: micro-batch 1's attention at a layer reads
         # the latent KV micro-batch 0 wrote at that layer, so its k-th hop waits for theirs
         ordered = overlap and mb.index == 1 and self.cut is not None and self._cut_inside_sequence()
-        carry, hop = _Carry(), 0
+        carry, hop = self._first_carry(mb), 0
         while True:
             if ordered:
                 await self._hop_done[hop].wait()
-            carry = await self._hop(mb.index, self._advance, mb, carry, not overlap)
+            carry = await self._hop(mb.index, self._advance, mb, carry, not split_shared)
             if mb.index == 0 and overlap:
                 self._hop_done[hop].set()
             hop += 1
             if carry.x is None:
                 return carry.h
-            layer = self._layers[carry.next_layer - 1].layer_id
-            if overlap:  # send first, compute the shared expert while the dispatch travels
+            layer_obj = self._layers[carry.next_layer - 1]
+            layer = layer_obj.layer_id
+            if overlap:  # queue the send, then the shared expert behind the other's hops
                 sending = asyncio.ensure_future(self._dispatch(mb, micro_batch, layer, carry))
-                try:
-                    shared = await self._hop(mb.index, _shared_op, layer,
-                                             self._layers[carry.next_layer - 1], carry.x)
-                    routed = await sending
-                finally:
-                    if not sending.done():
-                        sending.cancel()
-                carry.pending = (routed, shared, carry.x.dtype)
+            elif split_shared:  # send first (every share written), then the shared expert
+                sending = await self._send(mb, micro_batch, layer, carry)
             else:  # the reference order: shared expert (in the hop above), then the dispatch
                 routed = await self._dispatch(mb, micro_batch, layer, carry)
                 carry.pending = (routed, carry.pending[1], carry.pending[2])
+                carry.x = carry.weights = carry.ids = None
+                continue
+            try:
+                shared = await self._hop(mb.index, _shared_op, layer, layer_obj, carry.x)
+                routed = await sending
+            finally:
+                if not sending.done():
+                    sending.cancel()
+            carry.pending = (routed, shared, carry.x.dtype)
             carry.x = carry.weights = carry.ids = None
+
+    def _first_carry(self, mb: MicroBatch) -> _Carry:
+        """Where a micro-batch starts: after the whole step's dense prefix, if one ran."""
+        pre = self._prefix
+        if pre is None:
+            return _Carry()
+        cos, sin = pre.cos_sin
+        return _Carry(h=pre.h[mb.lo:mb.hi], cos_sin=(cos[mb.lo:mb.hi], sin[mb.lo:mb.hi]),
+                      next_layer=pre.next_layer)
+
+    def _dense_prefix(self, clock: _Clock) -> _Carry:
+        """Compute thread, two micro-batches only: EMBED and the leading dense layers on the
+        whole step. No dispatch precedes the first MoE layer, so splitting these layers would
+        hide nothing, and one pass over the whole step costs less than two over halves (a
+        matmul's time per token falls with the rows: weights are read once)."""
+        carry = _Carry()
+        whole = MicroBatch(0, 0, self.batch.num_tokens, self.batch)
+        carry.h, carry.cos_sin = clock("EMBED", -1, _embed, self.model, self.input_ids,
+                                       self.batch.positions)
+        while carry.next_layer < len(self._layers) and not self._layers[carry.next_layer].is_moe:
+            self._attention_then_ffn(clock, whole, carry)
+        return carry
 
     def _cut_inside_sequence(self) -> bool:
         ends = torch.tensor(self.batch.query_lens).cumsum(0).tolist()
@@ -244,6 +305,8 @@ class OverlappedStep:
             self._inline_key = (id(self.model), "decode" if self.decode else "prefill",
                                 size_bucket(self.batch.num_tokens))
         self._hop_done = [asyncio.Event() for _ in range(len(self._layers) + 2)]
+        if len(self.parts) > 1:
+            self._prefix = await self._hop(-1, self._dense_prefix)
         runs = [self._run(mb, micro_batch if len(self.parts) == 1 else mb.index)
                 for mb in self.parts]
         hs = await _all_or_first_error(runs)
