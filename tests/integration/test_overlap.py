@@ -370,12 +370,20 @@ def test_trace_file_has_the_tracks_and_spans(setup, tmp_path):
     for step in steps:
         have = {(e["name"], e["args"]["mb"], e["args"]["layer"]) for e in by_track["compute"]
                 if e["args"]["step"] == step}
+        # the leading dense layers run once on the whole step (mb -1): no dispatch precedes
+        # them, so halves would hide nothing
+        prefix = [i for i in dense if i < min(moe)]
+        assert prefix and ("EMBED", -1, -1) in have
+        for layer in prefix:
+            assert {("ATTN-0", -1, layer), ("ATTN-1", -1, layer), ("FFN", -1, layer)} <= have
         for mb in (0, 1):
             for layer in moe:
                 assert {("ATTN-0", mb, layer), ("ATTN-1", mb, layer), ("SHARED", mb, layer),
                         ("COMBINE", mb, layer)} <= have
             for layer in dense:
-                assert {("ATTN-0", mb, layer), ("ATTN-1", mb, layer), ("FFN", mb, layer)} <= have
+                if layer not in prefix:
+                    assert {("ATTN-0", mb, layer), ("ATTN-1", mb, layer), ("FFN", mb, layer)} <= have
+            assert not any(key[1] == mb and key[2] in prefix for key in have)
     mb0_trips = _check_comm_spans(cfg, by_track, 0, steps)
     _check_comm_spans(cfg, by_track, 1, steps)
     # the point of it all: some of micro-batch 1's compute ran while micro-batch 0's dispatch
