@@ -31,7 +31,13 @@ import torch
 INLINE_MAX_S = 0.02  # longest the event loop may be held by one inline piece of compute
 
 
-def _timed(fn: Callable, args: tuple) -> tuple[float, float, Any]:
+def _timed(fn: Callable, args: tuple, threads: int | None = None) -> tuple[float, float, Any]:
+    # torch's intra-op thread count is per thread (OpenMP's), and a matmul's blocking, so its
+    # float sums, depend on it: the compute thread runs with the submitting event loop's count,
+    # so a piece of compute gives the same bits inline or on the thread whatever set_num_threads
+    # calls came after the thread started
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     with torch.inference_mode():
         t0 = time.perf_counter()
         out = fn(*args)
@@ -62,7 +68,7 @@ class ComputeThread:
             self.in_flight += 1
             try:
                 t0, t1, out = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, _timed, fn, args)
+                    self.pool, _timed, fn, args, torch.get_num_threads())
             finally:
                 self.in_flight -= 1
         if inline_key is not None:

@@ -6,6 +6,8 @@ import asyncio
 import threading
 import time
 
+import torch
+
 from services.engine.compute_thread import ComputeThread
 
 
@@ -62,3 +64,19 @@ async def test_start_times_are_returned_in_order():
     ct = ComputeThread()
     t0, t1, out = await ct.run(lambda: 7)
     assert out == 7 and t0 <= t1
+
+
+async def test_the_thread_runs_with_the_callers_torch_thread_count():
+    """A matmul's float sums depend on the intra-op thread count, which is per thread: work
+    must give the same bits inline and on the thread, even after the caller changed it."""
+    ct = ComputeThread()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert await ct.call(torch.get_num_threads) == 1
+        torch.set_num_threads(2)
+        assert await ct.call(torch.get_num_threads) == 2
+        torch.set_num_threads(1)
+        assert await ct.call(torch.get_num_threads) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -158,12 +158,8 @@ class _LocalExperts:
         self.model = model
 
     async def dispatch(self, step_id, micro_batch, layer, x, ids, weights):
-        def experts():
-            with torch.inference_mode():
-                return self.model.layers[layer].mlp.experts(x, ids, weights)
-
         # on the compute thread, as the plain forward's experts: see below
-        return await asyncio.get_running_loop().run_in_executor(compute_thread().pool, experts)
+        return await compute_thread().call(self.model.layers[layer].mlp.experts, x, ids, weights)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -172,9 +168,9 @@ def test_one_micro_batch_overlapped_forward_equals_forward(model, kind):
     order) it returns the plain forward's logits bit for bit."""
     cache, batch, ids = _step(model, kind)
     caches = [c.clone() for c in cache.layers]
-    # The plain forward on the compute thread too: BLAS may block a matmul differently on
-    # another thread (its own OpenMP settings), and this compares bit for bit.
-    want = compute_thread().pool.submit(model, ids, batch, cache.layers).result()
+    # The plain forward on the compute thread too, which runs with this thread's torch thread
+    # count (BLAS blocks a matmul by it), as the inline hops do: this compares bit for bit.
+    want = asyncio.run(compute_thread().call(model, ids, batch, cache.layers))
     got, stats = asyncio.run(overlapped_forward(model, _LocalExperts(model), ids, batch, caches,
                                                 OverlapSettings(micro_batches=1), step_id=0))
     assert stats.micro_batches == 1
