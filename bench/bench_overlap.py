@@ -3,7 +3,7 @@
 v3-mini, 4 expert-worker processes, each behind an `epserve link-proxy` process (one-way
 latency set through its control port: 0, 1, 2, 5 ms). The attention side (this process, one
 torch thread like a cluster service) runs the same decode step and the same prefill batch
-four ways, alternating, in the same run: off (one micro-batch, the reference order: shared
+four ways, one forward of each in turn, in the same run: off (one micro-batch, the reference order: shared
 expert, then the dispatch), sbo (one micro-batch, single-batch overlap: the dispatch goes
 first and the shared expert computes while it travels; the engine's default one-micro-batch
 way), on (two, balanced_attention, every step: a fixed plan) and tuned (the default: the
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import tempfile
 import time
@@ -137,9 +138,12 @@ async def _timed(engine: EPEngine, plan, ids, batch, caches, repeats: int,
 
 
 async def _compare(engine, ids, batch, caches, repeats: int, rounds: int) -> dict:
-    """Off (the reference order), single-batch overlap, on and tuned alternated in `rounds`
-    rounds of `repeats` forwards; medians. The tuner starts from nothing for each comparison
-    and warms up before the timed rounds."""
+    """Off (the reference order), single-batch overlap, on, tuned and off again, one forward
+    each in turn, `rounds` x `repeats` times; medians. One forward at a time, because this
+    machine's noise drifts over seconds (a neighbour's burst) and blocks of one way would each
+    catch a different drift; in a shuffled order (fixed seed), so no way always follows the
+    same one (what ran before changes what is warm, and which hops the compute thread inlines). The tuner starts from nothing for each
+    comparison and warms up before the timed forwards."""
     engine.tuner = OverlapTuner()
     ways = {"off": (OFF, False), "sbo": (OFF, True), "on": (ON, True), "tuned": (TUNED, True),
             "off_again": (OFF, False)}  # the A/A pair: what the run's noise alone moves
@@ -149,9 +153,12 @@ async def _compare(engine, ids, batch, caches, repeats: int, rounds: int) -> dic
             await _timed(engine, plan, ids, batch, caches, n, sbo)
     walls = {name: [] for name in ways}
     computes = {name: [] for name in ways}
-    for _ in range(rounds):
-        for name, (plan, sbo) in ways.items():
-            w, c = await _timed(engine, plan, ids, batch, caches, repeats, sbo)
+    names, order = list(ways), random.Random(0)
+    for _ in range(rounds * repeats):
+        order.shuffle(names)
+        for name in names:
+            plan, sbo = ways[name]
+            w, c = await _timed(engine, plan, ids, batch, caches, 1, sbo)
             walls[name] += w
             computes[name] += c
     med = statistics.median
@@ -207,8 +214,9 @@ async def _main(argv: list[str] | None) -> int:
     ap.add_argument("--decode-context", type=int, default=256)
     ap.add_argument("--prefill-prompts", type=int, default=4)
     ap.add_argument("--prefill-len", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5, help="forwards per round")
-    ap.add_argument("--rounds", type=int, default=3, help="off/on alternations per row")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="forwards per way per row = rounds x repeats, one of each way in turn")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the attention side")
     ap.add_argument("--trace-dir", default="", help="write one overlapped decode step trace "
                                                      "per latency here")
@@ -267,7 +275,7 @@ class _Shapes:
         dec = await _compare(engine, self.dec_ids, self.dec_batch, self.dec_cache.layers,
                              args.repeats, args.rounds)
         pre = await _compare(engine, self.pre_ids, self.pre_batch, self.pre_cache.layers,
-                             max(args.repeats // 2, 2), args.rounds)
+                             args.repeats, args.rounds)
         return [_row("decode" + star, lat, dec), _row("prefill" + star, lat, pre)]
 
 
