@@ -224,6 +224,8 @@ async def _main(argv: list[str] | None) -> int:
     ap.add_argument("--expert-workers", type=int, default=4)
     ap.add_argument("--redundant-experts", type=int, default=4)
     ap.add_argument("--wire", default="fp32")
+    ap.add_argument("--pin-cores", action="store_true",
+                    help="the cluster's torch processes one core each (epserve up --pin-cores)")
     ap.add_argument("--ref-threads", type=int, default=1, help="torch threads of the reference")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny settings")
     args = ap.parse_args(argv)
@@ -243,7 +245,7 @@ async def _run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     spec = ClusterSpec(model=args.model, prefill=1, decode=1, expert_workers=args.expert_workers,
                        redundant_experts=args.redundant_experts, wire=args.wire,
-                       log_level="warning")
+                       log_level="warning", pin_cores=args.pin_cores)
     t0 = time.perf_counter()
     with LocalCluster(spec) as cluster:
         print(f"cluster up in {time.perf_counter() - t0:.1f}s: {spec.expert_workers} expert "

@@ -12,6 +12,7 @@ import sys
 
 from services.common.errors import CliError
 from services.common.logging import configure_logging
+from services.local.core_pinning import apply_from_env
 
 COMMAND_MODULES = (
     "services.cli.model",  # make-model
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # first, before any module below starts a thread: every later thread inherits the mask
+    try:
+        apply_from_env()
+    except (ValueError, OSError) as exc:
+        print(f"epserve: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     # Library logs go to stderr, warnings and up, so that stdout carries only a command's own

@@ -54,6 +54,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                            "load drops below this (0 = off)")
     eplb.add_argument("--rebalance-period-s", type=float, default=0.0,
                       help="also re-plan this often (0 = off)")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="one CPU core each for the prefill, decode and expert-worker processes, "
+                        "dealt round-robin (default: every process runs on any core)")
     p.add_argument("--insecure", action="store_true",
                    help="no mTLS between services and no NATS TLS/users (default: a CA and a "
                         "certificate per process are made in the run dir)")
@@ -98,6 +101,7 @@ def spec_from(args: argparse.Namespace, router_port: int = 0) -> ClusterSpec:
                            kv_cache_bytes=args.kv_cache_bytes,
                            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                            tls=not getattr(args, "insecure", False),
+                           pin_cores=getattr(args, "pin_cores", False),
                            extra={"scheduler": (
                                "--rebalance-threshold", str(args.rebalance_threshold),
                                "--rebalance-period-s", str(args.rebalance_period_s)),

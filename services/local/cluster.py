@@ -27,6 +27,7 @@ requirement.) Each proxy's control port (drop / stall / latency ...) is in `link
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import tempfile
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from services.common.channels import dial, insecure_channel
 from services.common.control import REPLICAS_ENV
 from services.common.health import check_health
 from services.local.cluster_tls import ClusterTLS
+from services.local.core_pinning import CPU_CORES_ENV, plan_cores
 from services.local.nats_cluster import NatsCluster
 from services.local.nats_server import NatsServer
 from services.local.ports import free_port
@@ -80,6 +82,7 @@ class ClusterSpec:
     kv_cache_bytes: int | None = None
     kv_cache_memory_bytes: int | None = None
     tls: bool = True  # mTLS between services, certificates made in the run dir (cluster_tls.py)
+    pin_cores: bool = False  # one core each for the torch processes (core_pinning.py)
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.expert_workers, self.routers) < 1:
@@ -176,6 +179,9 @@ class LocalCluster:
         self.link_controls: dict[int, tuple[str, int]] = {}  # worker rank -> proxy control port
         self.supervisor: Supervisor | None = None
         self.tls: ClusterTLS | None = None  # spec.tls: every process's certificate
+        # name -> the one core it may run on (spec.pin_cores; empty: every process floats)
+        self.cores: dict[str, int] = (plan_cores(spec.process_names(), os.sched_getaffinity(0))
+                                      if spec.pin_cores else {})
 
     @property
     def router_endpoint(self) -> str:
@@ -206,6 +212,8 @@ class LocalCluster:
         target = f"{s.host}:{port}"
         env = {"OMP_NUM_THREADS": str(s.threads_per_process)} if s.threads_per_process else {}
         env[REPLICAS_ENV] = str(s.nats_nodes)
+        if name in self.cores:
+            env[CPU_CORES_ENV] = str(self.cores[name])
         tls_args = self.tls.args(name) if self.tls is not None else []
         proc = self.group.start_epserve(name, [
             "serve", service, "--model", s.model, "--nats-url", self.nats.url, "--host", s.host,

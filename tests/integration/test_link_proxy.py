@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.health import add_health, check_health
+from services.local.core_pinning import CPU_CORES_ENV
 from services.local.link_proxy import ControlServer, LinkProxy, send_control, send_control_async
-from services.local.procs import ServiceProcess
+from services.local.procs import ServiceProcess, child_env, epserve_argv
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -328,3 +331,31 @@ async def test_link_proxy_subcommand_in_its_own_process(tmp_path):
         finally:
             code = await loop.run_in_executor(None, proc.stop, 10.0)  # SIGTERM by pid
         assert code == 0, proc.log_tail()
+
+
+async def test_epserve_pins_every_thread_of_a_process_to_the_cores_named(tmp_path):
+    """EPSERVE_CPU_CORES (`epserve up --pin-cores`) applies before any thread starts, so every
+    thread of the process carries the mask; a bad list is a one-line error, exit 2."""
+    core = min(os.sched_getaffinity(0))
+    async with EchoServer() as echo:
+        proc = ServiceProcess.epserve(
+            "pinned-proxy", ["link-proxy", "--listen", "127.0.0.1:0", "--upstream",
+                             f"127.0.0.1:{echo.port}", "--control-port", "0"],
+            tmp_path, env={CPU_CORES_ENV: str(core)}).start()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, lambda: proc.wait_until(
+                lambda _l: proc.stdout_path.read_text().endswith("\n"), 20.0, "ready"))
+            masks = {}
+            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                status = (task / "status").read_text()
+                masks[task.name] = next(line.split(":", 1)[1].strip()
+                                        for line in status.splitlines()
+                                        if line.startswith("Cpus_allowed_list"))
+            assert masks and set(masks.values()) == {str(core)}, masks
+        finally:
+            assert await loop.run_in_executor(None, proc.stop, 10.0) == 0, proc.log_tail()
+    bad = await loop.run_in_executor(None, lambda: subprocess.run(
+        epserve_argv("link-proxy", "--help"), env=child_env({CPU_CORES_ENV: "zero"}),
+        capture_output=True, text=True, timeout=60))
+    assert bad.returncode == 2 and "not a core list" in bad.stderr, bad.stderr
