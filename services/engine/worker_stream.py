@@ -131,11 +131,11 @@ class WorkerStream:
             try:
                 await self.call.write(req)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-                # The stream died under the write (the worker went away): the same clear
-                # EPError as a failed read, never a raw gRPC error or a hang.
+                # The stream died under the write: the worker went away, whatever the code
+                # (INTERNAL too, when its process is killed mid-write), as for a failed read:
+                # UNAVAILABLE, routed around; never a raw gRPC error or a hang.
                 err = self.broken or EPError(
-                    f"expert worker {self.rank} ({self.target}) failed: {exc}",
-                    exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "UNAVAILABLE",
+                    f"expert worker {self.rank} ({self.target}) failed: {exc}", "UNAVAILABLE",
                     self.rank)
                 self.fail(err)
                 raise err from exc
