@@ -27,7 +27,8 @@ protos: install
 models/v3-mini/config.json: | install
 	$(BIN)/epserve make-model --preset v3-mini --out models/v3-mini
 
-models/v3-wide/config.json: | install
+# remade when the presets change (v3-wide went from 3 to 7 layers)
+models/v3-wide/config.json: services/model/presets.py | install
 	$(BIN)/epserve make-model --preset v3-wide --out models/v3-wide
 
 run: install $(MODEL_DIR)/config.json

@@ -6,8 +6,9 @@
   dense, YaRN rope) at hidden size 256: about 40M parameters.
 - v3-wide: a compute-dominated shape for the data-plane benchmarks (issue 15): hidden 1024
   with DeepSeek-V3's layer structure but fewer experts (16 routed, top-4, 4 groups with 2
-  chosen) and layers (1 dense + 2 MoE), so a token's expert work outweighs the per-message
-  Python overhead that dominates at hidden 256: about 76M parameters.
+  chosen) and layers (1 dense + 6 MoE), so a token's expert work outweighs the per-message
+  Python overhead that dominates at hidden 256, and most of a step's compute sits in MoE layers
+  as in V3 (58 of 61), where overlap can hide communication behind it: about 190M parameters.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden_size": 1024,
         "intermediate_size": 2816,
         "moe_intermediate_size": 512,
-        "num_hidden_layers": 3,
+        "num_hidden_layers": 7,
         "first_k_dense_replace": 1,
         "num_attention_heads": 8,
         "num_key_value_heads": 8,
