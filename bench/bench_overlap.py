@@ -3,10 +3,10 @@
 v3-mini, 4 expert-worker processes, each behind an `epserve link-proxy` process (one-way
 latency set through its control port: 0, 1, 2, 5 ms). The attention side (this process, one
 torch thread like a cluster service) runs the same decode step and the same prefill batch
-four ways, one forward of each in turn, in the same run: off (one micro-batch, the reference order: shared
-expert, then the dispatch), sbo (one micro-batch, single-batch overlap: the dispatch goes
-first and the shared expert computes while it travels; the engine's default one-micro-batch
-way), on (two, balanced_attention, every step: a fixed plan) and tuned (the default: the
+four ways, one forward of each in turn, in the same run: off (one micro-batch, the reference
+order: shared expert, then the dispatch), sbo (one micro-batch, single-batch overlap: the
+dispatch goes first and the shared expert computes while it travels; the engine's default
+one-micro-batch way), on (two, balanced_attention, every step: a fixed plan) and tuned (the default: the
 engine's OverlapTuner measures one and two micro-batches and runs the faster, exploring the
 other every 32nd step). Each forward rewrites the same KV slots with the same values, so
 repeats are identical.
@@ -142,8 +142,8 @@ async def _compare(engine, ids, batch, caches, repeats: int, rounds: int) -> dic
     each in turn, `rounds` x `repeats` times; medians. One forward at a time, because this
     machine's noise drifts over seconds (a neighbour's burst) and blocks of one way would each
     catch a different drift; in a shuffled order (fixed seed), so no way always follows the
-    same one (what ran before changes what is warm, and which hops the compute thread inlines). The tuner starts from nothing for each
-    comparison and warms up before the timed forwards."""
+    same one (what ran before changes what is warm, and which hops the compute thread inlines).
+    The tuner starts from nothing for each comparison and warms up before the timed forwards."""
     engine.tuner = OverlapTuner()
     ways = {"off": (OFF, False), "sbo": (OFF, True), "on": (ON, True), "tuned": (TUNED, True),
             "off_again": (OFF, False)}  # the A/A pair: what the run's noise alone moves

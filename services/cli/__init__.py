@@ -10,9 +10,9 @@ import argparse
 import importlib
 import sys
 
+from services.common.cpu_cores import apply_from_env
 from services.common.errors import CliError
 from services.common.logging import configure_logging
-from services.local.core_pinning import apply_from_env
 
 COMMAND_MODULES = (
     "services.cli.model",  # make-model

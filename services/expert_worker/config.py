@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.cpu_cores import parse_cores
 from services.common.service import ServiceConfig
 
 
@@ -55,4 +56,4 @@ class ExpertWorkerConfig(ServiceConfig):
 
     @property
     def core_list(self) -> list[int]:
-        return [int(c) for c in self.cpu_cores.split(",") if c.strip()]
+        return parse_cores(self.cpu_cores)

@@ -35,9 +35,10 @@ from pathlib import Path
 
 from services.common.channels import dial, insecure_channel
 from services.common.control import REPLICAS_ENV
+from services.common.cpu_cores import CPU_CORES_ENV
 from services.common.health import check_health
 from services.local.cluster_tls import ClusterTLS
-from services.local.core_pinning import CPU_CORES_ENV, plan_cores
+from services.local.core_pinning import plan_cores
 from services.local.nats_cluster import NatsCluster
 from services.local.nats_server import NatsServer
 from services.local.ports import free_port

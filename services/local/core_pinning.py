@@ -8,17 +8,14 @@ process to an idle one, so on a machine with fewer cores than torch processes it
 cost as gain: `bench_cluster --pin-cores` measures it side by side. The control plane
 (scheduler, ledger, routers, NATS, link proxies) stays free to run wherever a core is idle.
 
-A process is pinned through the environment (CPU_CORES_ENV), applied as the first thing
-`epserve` does (`apply_from_env`), before any thread exists, so every thread it starts later
-(gRPC's, torch's, the compute thread) inherits the mask. Pure apart from `apply_from_env`.
+The plan goes to each process through the environment (common/cpu_cores.py applies it before
+any thread starts). Pure.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
-CPU_CORES_ENV = "EPSERVE_CPU_CORES"
 _PINNED_ORDER = ("prefill-", "decode-", "expert-worker-")
 
 
@@ -30,26 +27,3 @@ def plan_cores(names: Iterable[str], cores: Iterable[int]) -> dict[str, int]:
     names = list(names)
     pinned = [n for prefix in _PINNED_ORDER for n in names if n.startswith(prefix)]
     return {name: cores[i % len(cores)] for i, name in enumerate(pinned)}
-
-
-def parse_cores(text: str) -> list[int]:
-    """'0,2-3' -> [0, 2, 3]."""
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise ValueError(f"{CPU_CORES_ENV}: {text!r} is not a core list such as 0,2-3")
-        out += range(int(lo), int(hi or lo) + 1)
-    return out
-
-
-def apply_from_env(env: Mapping[str, str] = os.environ) -> list[int] | None:
-    """Pins this process to the cores CPU_CORES_ENV names (None when it names none)."""
-    text = env.get(CPU_CORES_ENV, "")
-    if not text.strip():
-        return None
-    cores = parse_cores(text)
-    os.sched_setaffinity(0, cores)
-    return cores

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.cpu_cores import CPU_CORES_ENV
 from services.common.health import add_health, check_health
-from services.local.core_pinning import CPU_CORES_ENV
 from services.local.link_proxy import ControlServer, LinkProxy, send_control, send_control_async
 from services.local.procs import ServiceProcess, child_env, epserve_argv
 

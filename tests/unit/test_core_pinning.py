@@ -6,8 +6,9 @@ import os
 
 import pytest
 
+from services.common.cpu_cores import CPU_CORES_ENV, apply_from_env, parse_cores
 from services.local.cluster import ClusterSpec
-from services.local.core_pinning import CPU_CORES_ENV, apply_from_env, parse_cores, plan_cores
+from services.local.core_pinning import plan_cores
 
 
 def test_attention_instances_first_then_workers_round_robin():
