@@ -30,8 +30,8 @@ from services.common.channels import dial
 from services.common.deadline import ObservedDeadline
 from services.engine.ep_plan import plan_dispatch
 from services.engine.pending_dispatch import PendingDispatch
-from services.engine.tensor_proto import dtype_to_proto, to_proto
-from services.engine.wire import WIRE_MODES, encode
+from services.engine.tensor_proto import dtype_to_proto, proto_fields
+from services.engine.wire import WIRE_MODES, encode, encode_rows
 from services.engine.worker_stream import EPError, WorkerStream, WorkerTiming
 from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 
@@ -193,15 +193,17 @@ class ExpertClient:
             raise EPError(f"{exc} (down: {down})", no_live_replica=True) from exc
         t_encode = time.perf_counter()
         timings = [WorkerTiming(share.worker) for share in shares]
+        rows = [share.rows.numpy() for share in shares]
+        hiddens = encode_rows(x, rows, self.dispatch_dtype)
+        gates = encode_rows(weights, rows, "fp32")
+        combine_dtype = dtype_to_proto(self.combine_dtype)
         sends = []
-        for share, timing in zip(shares, timings, strict=True):
+        for share, timing, hidden, gate in zip(shares, timings, hiddens, gates, strict=True):
             req = expert_pb2.DispatchRequest(
                 step_id=step_id, micro_batch=micro_batch, layer_id=layer_id,
-                placement_version=self.table.version,
-                hidden=to_proto(encode(x[share.rows], self.dispatch_dtype)),
-                slots=to_proto(encode(share.slots, "int32")),
-                weights=to_proto(encode(weights[share.rows].float(), "fp32")),
-                combine_dtype=dtype_to_proto(self.combine_dtype), trace_tag=tag)
+                placement_version=self.table.version, hidden=proto_fields(hidden),
+                slots=proto_fields(encode(share.slots, "int32")), weights=proto_fields(gate),
+                combine_dtype=combine_dtype, trace_tag=tag)
             sends.append(self.streams[share.worker].send(req, timing))
         serialize = time.perf_counter() - t_encode
         deadline_s = self.deadlines.deadline(x.shape[0])

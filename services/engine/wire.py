@@ -10,8 +10,10 @@ the same function as the distributed system.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 FP8_GROUP = 128
@@ -19,6 +21,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 WIRE_MODES = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "fp8": ("fp8", "bf16")}
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "int32": torch.int32,
           "int64": torch.int64, "fp8": torch.float8_e4m3fn}
+_ITEM_BYTES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _TORCH.items()}
 
 
 class WireError(ValueError):
@@ -65,6 +68,30 @@ def encode(x: torch.Tensor, dtype: str) -> WireTensor:
     return WireTensor(dtype, tuple(x.shape), raw.numpy().tobytes())
 
 
+def encode_rows(x: torch.Tensor, rows: Sequence[np.ndarray], dtype: str) -> list[WireTensor]:
+    """[encode(x[r], dtype) for r in rows], the same bytes, with x converted once and the rows
+    gathered in numpy: an expert dispatch sends each worker some rows of one batch, and per
+    share the torch indexing and conversion cost more than the bytes (measured: 42 -> 8 us per
+    share with proto_fields, 8 tokens). Every format is row-wise (fp8's scales are per token
+    per 128 channels), so a row's bytes never depend on the other rows."""
+    if dtype not in _TORCH:
+        raise WireError(f"unknown wire dtype {dtype!r}")
+    x = x.detach().cpu()
+    tail = tuple(x.shape[1:])
+    scales = None
+    if dtype == "fp8":
+        if x.dim() != 2:
+            raise WireError("fp8 tensors must be 2-D [tokens, channels]")
+        s = _fp8_scales(x)
+        q = (x.float() / _expand(s, x.shape[1])).to(torch.float8_e4m3fn)
+        data, scales = q.view(torch.uint8).numpy(), s.numpy()
+    else:
+        t = x.to(_TORCH[dtype]).contiguous()
+        data = (t.view(torch.int16) if dtype == "bf16" else t).numpy()
+    return [WireTensor(dtype, (len(r), *tail), data[r].tobytes(),
+                       b"" if scales is None else scales[r].tobytes()) for r in rows]
+
+
 def decode(w: WireTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if w.dtype not in _TORCH:
         raise WireError(f"unknown wire dtype {w.dtype!r}")
@@ -73,7 +100,7 @@ def decode(w: WireTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tenso
     n = 1
     for d in w.shape:
         n *= d
-    size = torch.empty((), dtype=_TORCH[w.dtype]).element_size()
+    size = _ITEM_BYTES[w.dtype]
     if len(w.data) != n * size:
         raise WireError(f"{w.dtype} tensor of shape {list(w.shape)} needs {n * size} bytes, "
                         f"got {len(w.data)}")

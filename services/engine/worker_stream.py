@@ -23,6 +23,7 @@ from services.protos_gen.epserve.v1 import expert_pb2, expert_pb2_grpc
 
 WIRE_BYTES = Counter("epserve_ep_bytes", "dispatch message bytes (protobuf ByteSize)",
                      ["direction"])
+_SENT, _RECEIVED = WIRE_BYTES.labels(direction="sent"), WIRE_BYTES.labels(direction="received")
 
 
 class EPError(StatusError):
@@ -94,7 +95,7 @@ class WorkerStream:
             async for reply in call:
                 size = reply.ByteSize()
                 self.bytes_received += size
-                WIRE_BYTES.labels(direction="received").inc(size)
+                _RECEIVED.inc(size)
                 if self.pending:
                     fut = self.pending.popleft()
                     if not fut.done():
@@ -141,7 +142,7 @@ class WorkerStream:
                 raise err from exc
         size = req.ByteSize()
         self.bytes_sent += size
-        WIRE_BYTES.labels(direction="sent").inc(size)
+        _SENT.inc(size)
         timing.sent = time.perf_counter()
         return fut
 

@@ -18,7 +18,7 @@ import structlog
 
 from services.engine.compute_thread import ComputeThread
 from services.engine.overlap_tuner import size_bucket
-from services.engine.tensor_proto import dtype_from_proto, from_proto, to_proto
+from services.engine.tensor_proto import dtype_from_proto, from_proto, proto_fields
 from services.engine.wire import WireError
 from services.expert_worker.core import DispatchInput, DispatchRejected, ExpertWorkerCore
 from services.expert_worker.metrics import WorkerMetrics
@@ -50,19 +50,20 @@ class ExpertWorkerServicer(expert_pb2_grpc.ExpertWorkerServicer):
         self.idle.set()
 
     async def _handle(self, req: expert_pb2.DispatchRequest) -> expert_pb2.DispatchResponse:
-        reply = expert_pb2.DispatchResponse(step_id=req.step_id, micro_batch=req.micro_batch,
-                                            layer_id=req.layer_id)
         self.in_flight += 1
         self.idle.clear()
         t0 = time.perf_counter()
         try:
             self.core.check_header(req.placement_version, req.layer_id)
             out = await self._run(_input(req), req.hidden.shape[0] if req.hidden.shape else 0)
-            reply.combined.CopyFrom(to_proto(out.combined))
-            reply.compute_seconds = out.compute_seconds
+            reply = expert_pb2.DispatchResponse(
+                step_id=req.step_id, micro_batch=req.micro_batch, layer_id=req.layer_id,
+                combined=proto_fields(out.combined), compute_seconds=out.compute_seconds)
             self.metrics.observe(req, time.perf_counter() - t0, out.compute_seconds)
         except DispatchRejected as exc:
-            reply.error.code, reply.error.message = exc.code, exc.message
+            reply = expert_pb2.DispatchResponse(
+                step_id=req.step_id, micro_batch=req.micro_batch, layer_id=req.layer_id,
+                error={"code": exc.code, "message": exc.message})
             self.metrics.rejected.labels(code=exc.code).inc()
             log.warning("dispatch_rejected", code=exc.code, reason=exc.message,
                         layer=req.layer_id, step=req.step_id, tag=req.trace_tag)
