@@ -8,7 +8,13 @@ Same run, same machine, for a batch of T tokens at one MoE layer:
 - EP: ExpertClient.dispatch of that layer to one expert-worker process holding every expert
   (plan, encode, protobuf, the worker's decode, grouped SwiGLU and encode, the combine), split
   into the worker's own compute time and the rest (overhead);
-- overhead / floor: how far the EP path's non-compute cost is from the transport's.
+- overhead / floor: how far the EP path's non-compute cost is from the transport's;
+- busy floor: the same stream with the echo server spinning for the worker's median compute
+  time before answering. While a worker computes, the attention process sleeps, and a process
+  woken after milliseconds asleep pays more (cold caches, a vCPU the host descheduled) than one
+  in a tight ping-pong: measured on this 2-core VM, a bare echo's round trip minus its spin
+  grows from 0.3 ms at 0 ms to 0.9 ms at 12 ms of spin. overhead / busy floor compares the EP
+  path with a transport that waits as long, so it counts only what the EP path adds.
 
 Medians of ITERS round trips after a warm-up, each on an open stream.
 """
@@ -56,8 +62,11 @@ def message_sizes(cfg: ModelConfig, tokens: int) -> tuple[int, int]:
     return req.ByteSize(), resp.ByteSize()
 
 
-async def floor_seconds(target: str, request_bytes: int, response_bytes: int) -> float:
-    payload = response_bytes.to_bytes(8, "little") + bytes(max(request_bytes - 8, 0))
+async def floor_seconds(target: str, request_bytes: int, response_bytes: int,
+                        busy_s: float = 0.0) -> float:
+    """Median round trip minus `busy_s`, the time the echo server spins before answering."""
+    header = response_bytes.to_bytes(8, "little") + round(busy_s * 1e6).to_bytes(8, "little")
+    payload = header + bytes(max(request_bytes - len(header), 0))
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
         call = ch.stream_stream(METHOD, request_serializer=None, response_deserializer=None)()
         times = []
@@ -66,7 +75,7 @@ async def floor_seconds(target: str, request_bytes: int, response_bytes: int) ->
             await call.write(payload)
             await call.read()
             if i >= WARMUP:
-                times.append(time.perf_counter() - t0)
+                times.append(time.perf_counter() - t0 - busy_s)
         await call.done_writing()
         return statistics.median(times)
 
@@ -118,18 +127,24 @@ async def run(model_dir: str) -> None:
                       f"(hidden {cfg.hidden_size}, top-{cfg.num_experts_per_tok}; medians of "
                       f"{ITERS})")
                 print(f"{'tokens':>7}{'req KB':>9}{'floor ms':>10}{'EP ms':>9}{'compute':>9}"
-                      f"{'overhead':>10}{'overhead/floor':>16}")
+                      f"{'overhead':>10}{'overhead/floor':>16}{'busy floor':>12}"
+                      f"{'overhead/busy':>15}")
                 for tokens in BATCHES:
                     req_b, resp_b = message_sizes(cfg, tokens)
                     floor = await floor_seconds(target, req_b, resp_b)
                     total, compute = await ep_seconds(client, cfg, tokens)
+                    busy = await floor_seconds(target, req_b, resp_b, busy_s=compute)
                     overhead = max(total - compute, 0.0)
                     ratio = overhead / floor if floor else float("nan")
+                    busy_ratio = overhead / busy if busy > 0 else float("nan")
                     print(f"{tokens:>7}{req_b / 1024:>9.1f}{floor * 1e3:>10.3f}"
                           f"{total * 1e3:>9.3f}{compute * 1e3:>9.3f}{overhead * 1e3:>10.3f}"
-                          f"{ratio:>15.2f}x")
+                          f"{ratio:>15.2f}x{busy * 1e3:>12.3f}{busy_ratio:>14.2f}x")
                     record("transport", f"ep_overhead_over_floor_t{tokens}", round(ratio, 3))
+                    record("transport", f"ep_overhead_over_busy_floor_t{tokens}",
+                           round(busy_ratio, 3))
                     record("transport", f"floor_ms_t{tokens}", round(floor * 1e3, 4))
+                    record("transport", f"busy_floor_ms_t{tokens}", round(busy * 1e3, 4))
                     record("transport", f"ep_ms_t{tokens}", round(total * 1e3, 4))
             finally:
                 await client.close()

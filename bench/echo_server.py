@@ -1,7 +1,9 @@
 """A bare gRPC bidirectional stream for the transport floor (bench/bench_transport.py).
 
-Raw bytes, no protobuf: each request's first 8 bytes say how many bytes to answer, and the
-answer is a preallocated buffer of that size. Run as a process of its own, as an expert worker
+Raw bytes, no protobuf: each request's first 8 bytes say how many bytes to answer, the next
+8 for how many microseconds to keep the core busy first (an expert worker's compute: while it
+runs, the caller sleeps, and waking a process that slept costs more than one that did not), and
+the answer is a preallocated buffer of that size. Run as a process of its own, as an expert worker
 is, so the floor crosses the same loopback, the same grpc.aio stacks and a process boundary.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -24,6 +27,10 @@ async def serve(port_file: Path) -> None:
     async def stream(request_iterator, context):
         async for request in request_iterator:
             size = int.from_bytes(request[:8], "little")
+            busy_s = int.from_bytes(request[8:16], "little") / 1e6
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < busy_s:  # spin: compute holds the core
+                pass
             if size not in buffers:
                 buffers[size] = bytes(size)
             yield buffers[size]
