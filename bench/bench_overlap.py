@@ -18,7 +18,8 @@ could at best hide that it did hide (1.0 = perfect; < 0 = it made the step slowe
 T_off / T_tuned, which should be the best of the ways up to noise and the exploration steps.
 Noise is measured in the same run, not assumed: off runs twice per round ("off" and "off
 again", the same way), and A/A = T_off / T_off_again is what two identical ways differ by;
-a way within that band of 1.0 is not measurably faster or slower.
+a way within that band of 1.0 is not measurably faster or slower; ±hid = |T_off -
+T_off_again| / min(T_compute, T_comm) is that noise in hidden-fraction units.
 The stub rows (workers replaced by a pure wait) run again on v3-wide, the compute-dominated
 preset (`--wide-model`).
 
@@ -177,15 +178,21 @@ def _row(label: str, latency: float, m: dict) -> dict:
     def shown(t):
         return f"{hidden(t):>8.2f}" if bound > 1e-3 else f"{'-':>8}"
 
+    # what the hidden fractions of this row can be trusted to: the A/A pair's difference in
+    # the same units (two identical ways, so any nonzero value is the run's noise)
+    noise = abs(t_off - m["t_off_again"]) / bound if bound > 1e-3 else float("nan")
+    shown_noise = f"{noise:>6.2f}" if bound > 1e-3 else f"{'-':>6}"
+
     print(f"{label:<9}{latency:>6.0f}{t_off * 1e3:>9.2f}{m['t_sbo'] * 1e3:>9.2f}"
           f"{m['t_on'] * 1e3:>9.2f}{m['t_tuned'] * 1e3:>9.2f}{c_off * 1e3:>11.2f}"
           f"{t_comm * 1e3:>9.2f}{m['c_on'] * 1e3:>12.2f}{shown(m['t_sbo'])}{shown(m['t_on'])}"
           f"{shown(m['t_tuned'])}{t_off / m['t_tuned']:>8.2f}x"
-          f"{t_off / m['t_off_again']:>6.2f}", flush=True)
+          f"{t_off / m['t_off_again']:>6.2f}{shown_noise}", flush=True)
     return {"phase": label, "latency_ms": latency, "t_off": t_off, "t_sbo": m["t_sbo"],
             "t_on": m["t_on"], "t_tuned": m["t_tuned"], "t_compute": c_off, "t_comm": t_comm,
             "hidden": hidden(m["t_on"]), "hidden_sbo": hidden(m["t_sbo"]),
-            "hidden_tuned": hidden(m["t_tuned"]), "aa": t_off / m["t_off_again"]}
+            "hidden_tuned": hidden(m["t_tuned"]), "aa": t_off / m["t_off_again"],
+            "hidden_noise": noise}
 
 
 def _record(row: dict, shape: str) -> None:
@@ -194,7 +201,7 @@ def _record(row: dict, shape: str) -> None:
     for way in ("on", "sbo", "tuned"):
         results.record("overlap", f"{name}_{at}_{way}_vs_off",
                        round(row["t_off"] / row[f"t_{way}"], 3))
-    for key in ("hidden", "hidden_sbo", "hidden_tuned"):
+    for key in ("hidden", "hidden_sbo", "hidden_tuned", "hidden_noise"):
         if row[key] == row[key]:  # not NaN
             results.record("overlap", f"{name}_{at}_{key}", round(row[key], 3))
 
@@ -281,7 +288,7 @@ class _Shapes:
 
 HEADER = (f"{'phase':<9}{'lat ms':>6}{'T_off':>9}{'T_sbo':>9}{'T_on':>9}{'T_tuned':>9}"
           f"{'T_compute':>11}{'T_comm':>9}{'compute(on)':>12}{'hid sbo':>8}{'hid on':>8}"
-          f"{'hid tun':>8}{'tuned':>9}{'A/A':>6}")
+          f"{'hid tun':>8}{'tuned':>9}{'A/A':>6}{'±hid':>6}")
 
 
 async def _run(args, cfg, model, client, proxies: Proxies, latencies) -> list[dict]:
